@@ -1,0 +1,11 @@
+"""lowbit: low-bit transformers — quantize after training, evaluate, run, and train with 4-bit matmuls."""
+
+__version__ = "0.1.0"
+
+from lowbit.config import QuantConfig  # noqa: E402
+from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.models.loading import LoadedModel, load_model  # noqa: E402
+from lowbit.models.saving import save_quantized  # noqa: E402
+from lowbit.ptq import quantize  # noqa: E402
+
+__all__ = ["LoadedModel", "LowbitError", "QuantConfig", "__version__", "load_model", "quantize", "save_quantized"]

@@ -1,0 +1,104 @@
+"""Write a quantized model as a Hugging Face directory plus ``quantization.json``, atomically.
+
+The weights are stored already rounded (dequantized values in ``save_dtype``), so any HF tool loads them; the
+activation quantizers, which are not weights, are described in ``quantization.json`` and re-attached by
+``load_model``. The directory is written under a temporary name next to the target and renamed at the end, so
+an interrupted run leaves nothing half-written. Packed integer checkpoints are ``lowbit.export``'s job.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.models.loading import LoadedModel
+
+QUANT_FILE = "quantization.json"
+FORMAT = "lowbit-fake-quant"
+FORMAT_VERSION = 1
+
+
+def _version() -> str:
+    from lowbit import __version__
+
+    return __version__
+
+
+def save_quantized(
+    loaded: LoadedModel, config, output: str | Path, save_dtype: torch.dtype = torch.float16, overwrite: bool = False
+) -> Path:
+    """Save ``loaded`` (quantized with ``config``) to ``output``; refuses to replace a directory unless asked."""
+    output = Path(output).expanduser()
+    if output.exists() and not overwrite:
+        raise LowbitError(f"output {output} already exists; choose another --output or pass --overwrite")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        state = {k: v.detach().to("cpu", save_dtype) for k, v in loaded.model.state_dict().items()}
+        loaded.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        config_file = tmp / "config.json"
+        hf_config = json.loads(config_file.read_text())
+        hf_config["dtype"] = str(save_dtype).removeprefix("torch.")
+        config_file.write_text(json.dumps(hf_config, indent=2))
+        loaded.tokenizer.save_pretrained(tmp)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "lowbit_version": _version(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source_model": loaded.source,
+            "config": config.to_dict(),
+            "config_name": config.name,
+            "weights": f"rounded to the {config.name} grid, stored dequantized as {hf_config['dtype']}",
+            "activations": None if config.act_spec is None else {
+                "bits": config.abits, "granularity": "token", "symmetric": config.act_symmetric, "dynamic": True,
+            },
+        }
+        (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def read_quantization(directory: Path):
+    """Parse and check ``quantization.json``; returns the ``QuantConfig`` or None if there is none."""
+    from lowbit.config import QuantConfig
+
+    path = directory / QUANT_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LowbitError(f"{path} is not valid JSON ({err}); the directory may be corrupt") from None
+    if meta.get("format") != FORMAT:
+        raise LowbitError(f"{path} has format {meta.get('format')!r}; this lowbit reads {FORMAT!r}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise LowbitError(
+            f"{path} was written by lowbit {meta.get('lowbit_version')} (format {meta['format_version']}); "
+            f"upgrade lowbit (this is {_version()})"
+        )
+    return QuantConfig.from_dict(meta["config"])
+
+
+def attach_saved_quantization(loaded: LoadedModel, directory: Path | None) -> None:
+    """If ``directory`` was written by ``save_quantized``, quantize activations again as it was calibrated."""
+    from lowbit.ptq.wrap import wrap_linears
+
+    config = read_quantization(directory) if directory is not None else None
+    if config is None:
+        return
+    loaded.quant_config = config
+    if config.act_spec is not None:
+        wrap_linears(loaded.model, loaded.adapter, None, config.act_spec)
+    loaded.source = f"{loaded.source} ({config.method} {config.name})"

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer trained on shipped text, and tiny random models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 384
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lowbit.data.texts import calibration_text
+
+    lines = calibration_text("wikitext2").splitlines()[:3000]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]
+    )
+    tok.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def tiny_config(arch: str):
+    """A 2-block random config of each supported family; the Llama one uses GQA (4 query / 2 KV heads)."""
+    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=512)
+    if arch == "llama":
+        return LlamaConfig(intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if arch == "mistral":
+        return MistralConfig(intermediate_size=128, num_key_value_heads=2, sliding_window=None, **common)
+    if arch == "qwen2":
+        return Qwen2Config(intermediate_size=128, num_key_value_heads=2, **common)
+    if arch == "opt":
+        return OPTConfig(ffn_dim=128, word_embed_proj_dim=64, do_layer_norm_before=True, **common)
+    raise ValueError(arch)
+
+
+def make_tiny_model(arch: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """Save a tiny model of ``arch`` (with tokenizer) as an HF safetensors directory; cached per arch."""
+    cache: dict[str, object] = {}
+
+    def build(arch: str = "llama"):
+        if arch not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            make_tiny_model(arch).save_pretrained(path, safe_serialization=True)
+            tiny_tokenizer.save_pretrained(path)
+            cache[arch] = path
+        return cache[arch]
+
+    return build
