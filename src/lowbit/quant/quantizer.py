@@ -9,7 +9,8 @@ Granularity is always relative to the last dimension, which is the reduction dim
 ``group`` one per ``group_size`` consecutive elements of a row, ``tensor`` one for everything.
 
 Arithmetic runs in float32 whatever the input dtype, so a tiny range cannot overflow fp16, and scales are
-clamped to ``SCALE_MIN`` so a constant row gives a finite result (the reference code's NaN bug).
+clamped to ``SCALE_MIN`` so a constant row gives a finite, exact result (the reference code's NaN bug).
+Rounding is torch's round-half-to-even, as in the reference implementations.
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ def quantize(
             xmax = xmax * clip[0].reshape(-1, 1)
             xmin = xmin * clip[1].reshape(-1, 1)
         scale = ((xmax - xmin) / spec.qmax).clamp(SCALE_MIN, SCALE_MAX)
-        zero = (-xmin / scale).clamp(-SCALE_MAX, SCALE_MAX)
+        # No clamp on the zero point: in float32 it stays exact, and a constant row (range 0) then
+        # round-trips exactly instead of saturating.
+        zero = -xmin / scale
         zero = round_ste(zero) if ste else zero.round()
     scaled = g / scale
     q = round_ste(scaled) if ste else scaled.round()

@@ -1,0 +1,103 @@
+"""The CLI end to end on tiny models: quantize → save → eval, and every bad input gives one line and exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import tiny_config
+
+from lowbit.cli import main
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    from lowbit.data import calibration_text
+
+    path = tmp_path_factory.mktemp("text") / "eval.txt"
+    path.write_text(calibration_text("wikitext2")[:20000])
+    return path
+
+
+def run_error(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("lowbit: error:")]
+    assert rc == 2, err
+    assert len(error_lines) == 1 and "Traceback" not in err, err
+    return error_lines[0]
+
+
+def test_quantize_save_eval_round_trip(tmp_path, capsys, tiny_model_dir, text_file):
+    out = tmp_path / "q"
+    argv = ["-q", "quantize", "--model", str(tiny_model_dir("llama")), "--wbits", "4", "--abits", "8",
+            "--group-size", "32", "--output", str(out), "--eval", str(text_file), "--seqlen", "64",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| task | metric | FP (float32) | rtn W4A8g32 |" in printed
+    meta = json.loads((out / "quantization.json").read_text())
+    assert meta["config"]["wbits"] == 4 and meta["activations"]["bits"] == 8
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    rows = json.loads((out / "eval_results.json").read_text())
+    fp, quant = [r["value"] for r in rows]
+    assert quant > fp  # 4-bit weights and 8-bit activations cost something on a random model
+    assert main(["-q", "eval", "--model", str(out), "--tasks", str(text_file), "--seqlen", "64",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    again = json.loads((tmp_path / "e.json").read_text())[0]
+    assert again["name"] == "rtn W4A8g32"
+    assert again["value"] == pytest.approx(quant, rel=2e-3)  # weights were saved as float16
+
+
+@pytest.mark.parametrize("bits", ["1", "9"])
+def test_bad_bits(tmp_path, capsys, bits):
+    line = run_error(capsys, ["quantize", "--wbits", bits, "--output", str(tmp_path / "o")])
+    assert "--wbits must be an integer from 2 to 8" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_path(tmp_path, capsys):
+    line = run_error(capsys, ["eval", "--model", str(tmp_path / "nope")])
+    assert "model path does not exist" in line
+
+
+def test_unknown_architecture(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    line = run_error(capsys, ["eval", "--model", str(tmp_path / "gpt2")])
+    assert "unsupported architecture 'gpt2'" in line and "llama" in line and "opt" in line
+
+
+def test_group_size_not_dividing_writes_nothing(tmp_path, capsys, tiny_model_dir):
+    out = tmp_path / "o"
+    line = run_error(capsys, ["-q", "quantize", "--model", str(tiny_model_dir("llama")), "--group-size", "48",
+                              "--output", str(out)])
+    assert "group size 48 does not divide the input width 64" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_and_too_short_text_files(tmp_path, capsys, tiny_model_dir):
+    empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
+    empty.write_text("")
+    short.write_text("just a few words")
+    assert "is empty" in run_error(capsys, ["-q", "eval", "--model", str(tiny_model_dir("llama")), "--tasks", str(empty)])
+    line = run_error(capsys, ["-q", "eval", "--model", str(tiny_model_dir("llama")), "--tasks", str(short)])
+    assert "tokens but at least 2048 are needed" in line
+
+
+def test_unknown_task_and_existing_output(tmp_path, capsys):
+    assert "unknown task 'hellaswag'" in run_error(capsys, ["eval", "--tasks", "hellaswag"])
+    (tmp_path / "o").mkdir()
+    assert "already exists" in run_error(capsys, ["quantize", "--output", str(tmp_path / "o")])
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "eval", "--model", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"lowbit: error: model path does not exist: {tmp_path / 'missing'}"]
+
+
+def test_tiny_configs_cover_gqa():
+    assert tiny_config("llama").num_key_value_heads < tiny_config("llama").num_attention_heads
