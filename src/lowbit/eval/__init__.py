@@ -13,9 +13,10 @@ from pathlib import Path
 from lowbit.data.texts import EVAL_TEXTS, eval_text, read_text_file, require_tokens, tokenize_text
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import PerplexityResult, perplexity
+from lowbit.eval.zeroshot import ZEROSHOT_TASKS as ZEROSHOT_TASK_NAMES
+from lowbit.eval.zeroshot import evaluate_zeroshot
 
 PERPLEXITY_TASKS = tuple(EVAL_TEXTS)
-ZEROSHOT_TASK_NAMES = ("piqa", "arc_easy", "arc_challenge", "lambada")
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,6 @@ def evaluate(model, tokenizer, tasks: list[str], options: EvalOptions | None = N
     results = []
     for task in tasks:
         if task in ZEROSHOT_TASK_NAMES:
-            from lowbit.eval.zeroshot import evaluate_zeroshot
-
             r = evaluate_zeroshot(model, tokenizer, task, limit=options.limit, batch_size=options.zeroshot_batch_size,
                                   max_length=options.seqlen, device=options.device, progress=options.progress)
             results.append(TaskResult(task, dict(r.metrics), {"items": r.n}))
