@@ -13,7 +13,7 @@ from lowbit.errors import LowbitError
 from lowbit.quant.quantizer import MAX_BITS, MIN_BITS, QuantSpec
 
 FLOAT_BITS = 16
-METHODS = ("rtn",)
+METHODS = ("rtn", "smoothquant", "omniquant", "affinequant")
 
 
 def _check_bits(name: str, value: Any) -> None:
@@ -38,6 +38,15 @@ class QuantConfig:
     seqlen: int = 2048
     calib_data: str = "wikitext2"
     seed: int = 0
+    # calibration recipe (methods that learn); None picks the method's default
+    epochs: int | None = None
+    batch_size: int = 1
+    let_lr: float = 5e-3
+    lwc_lr: float = 1e-2
+    alpha: float = 0.5
+    sf: float | None = None
+    aug_loss: bool = False
+    norm_matrices: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -46,9 +55,13 @@ class QuantConfig:
         _check_bits("abits", self.abits)
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise LowbitError(f"--group-size must be a positive integer (or omitted for per-channel), got {self.group_size!r}")
-        for name in ("nsamples", "seqlen"):
+        for name in ("nsamples", "seqlen", "batch_size"):
             if getattr(self, name) < 1:
-                raise LowbitError(f"--{name} must be at least 1, got {getattr(self, name)}")
+                raise LowbitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.epochs is not None and self.epochs < 0:
+            raise LowbitError(f"--epochs must be 0 or more, got {self.epochs}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise LowbitError(f"--alpha must be in [0, 1], got {self.alpha}")
 
     @property
     def weight_spec(self) -> QuantSpec | None:

@@ -38,6 +38,7 @@ class LoadedModel:
     adapter: Adapter
     source: str
     quant_config: object | None = None  # the QuantConfig of a directory written by ``lowbit quantize``
+    calibration_log: list | None = None  # per-block log of a calibrating method
 
 
 def default_model_path() -> Path:

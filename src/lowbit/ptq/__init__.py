@@ -1,20 +1,42 @@
-"""Post-training quantization methods behind one call: ``quantize(loaded, config)``."""
+"""Post-training quantization behind one call: ``quantize(loaded, config)``.
+
+``rtn`` rounds directly; ``smoothquant``, ``omniquant`` and ``affinequant`` calibrate block by block on
+``config.nsamples`` windows of ``config.seqlen`` tokens from ``config.calib_data`` (never a test split).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 
 from lowbit.config import QuantConfig
+from lowbit.data.texts import calibration_windows
 from lowbit.models.loading import LoadedModel
+from lowbit.ptq.engine import CalibOptions, calibrate
+from lowbit.ptq.recipes import default_epochs, plan_for
 from lowbit.ptq.rtn import quantize_rtn
+from lowbit.ptq.wrap import wrap_linears
 
-METHODS: dict[str, Callable[[LoadedModel, QuantConfig], None]] = {"rtn": quantize_rtn}
+log = logging.getLogger(__name__)
 
 
-def quantize(loaded: LoadedModel, config: QuantConfig) -> LoadedModel:
-    """Quantize ``loaded.model`` in place with ``config.method``; returns ``loaded`` for chaining."""
-    METHODS[config.method](loaded, config)
+def quantize(loaded: LoadedModel, config: QuantConfig, device: str | None = None, checkpoint_dir: str | None = None,
+             progress: bool = True) -> LoadedModel:
+    """Quantize ``loaded.model`` in place with ``config.method``; returns ``loaded`` (the calibration log, if
+    any, is in ``loaded.calibration_log``)."""
+    if config.method == "rtn":
+        quantize_rtn(loaded, config)
+        return loaded
+    if config.weight_spec is not None:  # refuse a bad group size before any calibration work
+        for block in loaded.adapter.blocks(loaded.model):
+            for name, lin in loaded.adapter.block_linears(block).items():
+                config.weight_spec.check_width(lin.in_features, what=name)
+    device = device or str(next(loaded.model.parameters()).device)
+    windows = calibration_windows(loaded.tokenizer, config.calib_data, config.nsamples, config.seqlen, config.seed)
+    options = CalibOptions(epochs=default_epochs(config), batch_size=config.batch_size, let_lr=config.let_lr,
+                           lwc_lr=config.lwc_lr, aug_loss=config.aug_loss, device=device,
+                           checkpoint_dir=checkpoint_dir, progress=progress)
+    loaded.calibration_log = calibrate(loaded, config, plan_for(config), options, windows)
     return loaded
 
 
-__all__ = ["METHODS", "quantize"]
+__all__ = ["CalibOptions", "quantize", "wrap_linears"]

@@ -1,0 +1,99 @@
+"""Per-block calibration checkpoints, so a killed run restarted with the same command resumes where it stopped.
+
+Each finished block is saved as ``block_NNN.safetensors`` (its merged, rounded weights and any online transform)
+plus ``block_NNN.json`` (its log), each written to a temporary name and renamed. A ``manifest.json`` records
+the command's configuration; a checkpoint directory written by a different configuration is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+ONLINE = "lowbit_online"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class BlockCheckpoints:
+    """Save and restore finished blocks under ``directory`` (disabled when it is None)."""
+
+    def __init__(self, directory: str | Path | None, manifest: dict) -> None:
+        self.dir = Path(directory) if directory else None
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "manifest.json"
+        text = json.dumps(manifest, indent=2, sort_keys=True)
+        if path.exists() and path.read_text() != text:
+            raise LowbitError(
+                f"checkpoint directory {self.dir} belongs to a run with another configuration; "
+                "delete it, or rerun with the same options to resume"
+            )
+        _atomic_write(path, lambda p: p.write_text(text))
+
+    def _paths(self, b: int) -> tuple[Path, Path]:
+        return self.dir / f"block_{b:03d}.safetensors", self.dir / f"block_{b:03d}.json"
+
+    def load(self, b: int) -> tuple[dict, dict] | None:
+        if self.dir is None:
+            return None
+        weights, meta = self._paths(b)
+        if not (weights.exists() and meta.exists()):
+            return None
+        return load_file(weights), json.loads(meta.read_text())
+
+    def restore(self, b: int, calib, saved: tuple[dict, dict]):
+        """Put a saved block back into ``calib.block`` exactly as it was merged."""
+        from lowbit.ptq.block import OnlineTransform, attach_online
+        from lowbit.ptq.engine import BlockLog
+
+        tensors, meta = saved
+        for q in calib.linears.values():
+            q.weight_spec, q.weight_clip = None, None
+        for norm_name in meta["online_ops"]:
+            shift = tensors.pop(f"{norm_name}.{ONLINE}.shift", None)
+            attach_online(calib.block.get_submodule(norm_name), OnlineTransform(tensors.pop(f"{norm_name}.{ONLINE}.inverse"), shift))
+        calib.block.load_state_dict(tensors, strict=True)
+        return BlockLog(**meta)
+
+    def save(self, b: int, block: nn.Module, entry) -> None:
+        if self.dir is None:
+            return
+        tensors = {k: v.detach().contiguous().cpu() for k, v in block.state_dict().items()}
+        for name in entry.online_ops:
+            op = block.get_submodule(name).lowbit_online
+            tensors[f"{name}.{ONLINE}.inverse"] = op.inverse.detach().contiguous().cpu()
+            if op.shift is not None:
+                tensors[f"{name}.{ONLINE}.shift"] = op.shift.detach().contiguous().cpu()
+        weights, meta = self._paths(b)
+        _atomic_write(weights, lambda p: save_file(tensors, str(p)))
+        _atomic_write(meta, lambda p: p.write_text(json.dumps(asdict(entry), indent=2)))
+
+
+def has_online_ops(model: nn.Module) -> bool:
+    return any(hasattr(m, ONLINE) for m in model.modules())
+
+
+def online_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every online transform of ``model`` by full module name, for saving beside the weights."""
+    out = {}
+    for name, module in model.named_modules():
+        op = getattr(module, ONLINE, None)
+        if isinstance(op, nn.Module):
+            out[f"{name}.{ONLINE}.inverse"] = op.inverse.detach().contiguous().cpu()
+            if op.shift is not None:
+                out[f"{name}.{ONLINE}.shift"] = op.shift.detach().contiguous().cpu()
+    return out

@@ -1,0 +1,202 @@
+"""Block-by-block calibration: the one straight path every calibrating method takes.
+
+capture block-0 inputs → for each block: full-precision targets → initialise the method's transforms → optimise
+MSE(quantized block, targets) → merge into the weights → quantized outputs feed the next block → save the block
+(resume). Blocks not being calibrated stay on the CPU. One host sync per epoch (the loss check), none per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lowbit.config import QuantConfig
+from lowbit.models.loading import LoadedModel
+from lowbit.ptq.block import BlockCalibration, TransformPlan
+from lowbit.ptq.capture import capture_block_inputs
+from lowbit.ptq.checkpoint import BlockCheckpoints
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    """How to optimise (the method's *what* is its ``TransformPlan``)."""
+
+    epochs: int = 20
+    batch_size: int = 1
+    let_lr: float = 5e-3
+    lwc_lr: float = 1e-2
+    weight_decay: float = 0.0
+    aug_loss: bool = False
+    device: str = "cpu"
+    amp: bool = True  # bf16 autocast for the block's matmuls on CUDA (quantizer arithmetic stays float32)
+    max_retries: int = 3
+    checkpoint_dir: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class BlockLog:
+    block: int
+    loss_before: float
+    loss_after: float
+    epoch_losses: list[float] = field(default_factory=list)
+    dominance_margin: float | None = None
+    retries: int = 0
+    repaired_rows: int = 0
+    online_ops: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The calibration objective (a module-level function so tests can inject a non-finite loss)."""
+    return F.mse_loss(out.float(), target.float())
+
+
+def _to(obj, device, dtype):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, dtype) if obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device, dtype) for o in obj)
+    return obj
+
+
+@torch.no_grad()
+def _run(fn, inputs: torch.Tensor, batch: int) -> torch.Tensor:
+    outs = [fn(inputs[i : i + batch]) for i in range(0, inputs.shape[0], batch)]
+    return torch.cat([o[0] if isinstance(o, tuple) else o for o in outs])
+
+
+@torch.no_grad()
+def _mse(calib: BlockCalibration, inputs, targets, kwargs, batch) -> float:
+    total = torch.zeros((), device=inputs.device)
+    for i in range(0, inputs.shape[0], batch):
+        total += block_loss(calib(inputs[i : i + batch], kwargs), targets[i : i + batch]) * inputs[i : i + batch].shape[0]
+    return float(total) / inputs.shape[0]
+
+
+def _optimise(calib: BlockCalibration, q_in, targets, aug_targets, kwargs, opts: CalibOptions, seed: int, entry: BlockLog, bar):
+    groups = calib.learnable()
+    if not any(groups.values()) or opts.epochs == 0:
+        return
+    lrs = {"let": opts.let_lr, "lwc": opts.lwc_lr}
+    generator = torch.Generator().manual_seed(seed)
+    n, batch = q_in.shape[0], opts.batch_size
+    amp = opts.amp and q_in.device.type == "cuda"
+    epoch, retries = 0, 0
+    while epoch < opts.epochs:
+        optimiser = torch.optim.AdamW(
+            [{"params": p, "lr": lrs[k]} for k, p in groups.items() if p], weight_decay=opts.weight_decay
+        )
+        calib.set_epoch(epoch, opts.epochs)
+        good = {k: v.detach().clone() for k, v in calib.state_dict().items()}
+        total = torch.zeros((), device=q_in.device)
+        for idx in torch.randperm(n, generator=generator).split(batch):
+            idx = idx.to(q_in.device)
+            with torch.autocast(q_in.device.type, dtype=torch.bfloat16, enabled=amp):
+                out = calib(q_in[idx], kwargs)
+            loss = block_loss(out, targets[idx])
+            if aug_targets is not None:
+                loss = loss + block_loss(out, aug_targets[idx])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += loss.detach()
+        mean = float(total) / math.ceil(n / batch)  # the one host sync of the epoch
+        if not math.isfinite(mean):
+            calib.load_state_dict(good)
+            retries += 1
+            if retries > opts.max_retries:
+                log.warning("block %d: loss still non-finite after %d retries; keeping the last good parameters",
+                            entry.block, opts.max_retries)
+                break
+            lrs = {k: v / 2 for k, v in lrs.items()}
+            log.warning("block %d epoch %d: non-finite loss; rolled back and retrying with learning rates %s",
+                        entry.block, epoch, lrs)
+            continue
+        repaired = sum(t.restore_dominance() for t in calib.transforms.values())
+        if repaired:
+            log.warning("block %d epoch %d: %d matrix rows lost diagonal dominance; shrunk their off-diagonals",
+                        entry.block, epoch, repaired)
+            entry.repaired_rows += repaired
+        entry.epoch_losses.append(mean)
+        bar.set_postfix(block=entry.block, epoch=epoch, loss=f"{mean:.3g}")
+        epoch += 1
+    entry.retries = retries
+
+
+def calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, opts: CalibOptions,
+              windows: torch.Tensor) -> list[BlockLog]:
+    """Quantize ``loaded.model`` in place, block by block; returns the per-block log."""
+    model, adapter = loaded.model, loaded.adapter
+    device = torch.device(opts.device)
+    model_dtype = next(model.parameters()).dtype
+    model.to("cpu")
+    heads = adapter.heads(model.config)
+    blocks = adapter.blocks(model)
+    ckpt = BlockCheckpoints(opts.checkpoint_dir, {"config": config.to_dict(), "plan": asdict(plan), "options": {
+        k: v for k, v in asdict(opts).items() if k not in ("checkpoint_dir", "progress", "device")}})
+    fp_in, kwargs = capture_block_inputs(model, adapter, windows, device)
+    kwargs = _to(kwargs, device, torch.float32)
+    q_in = fp_in.clone()
+    batch = opts.batch_size
+    logs: list[BlockLog] = []
+    bar = tqdm(range(len(blocks)), desc=f"{config.method} {config.name}", unit="block", disable=not opts.progress)
+    for b in bar:
+        start = time.perf_counter()
+        block = blocks[b].to(device, torch.float32)
+        fp_out = _run(lambda x: block(x, **kwargs), fp_in, batch)
+        calib = BlockCalibration(block, adapter, heads, plan, config.weight_spec, config.act_spec)
+        saved = ckpt.load(b)
+        if saved is not None:
+            entry = ckpt.restore(b, calib, saved)
+        else:
+            aug = _run(lambda x: block(x, **kwargs), q_in, batch) if opts.aug_loss else None
+            calib.init_transforms(fp_in, kwargs, batch)
+            entry = BlockLog(b, _mse(calib, q_in, fp_out, kwargs, batch), float("nan"))
+            _optimise(calib, q_in, fp_out, aug, kwargs, opts, seed=config.seed * 1000 + b, entry=entry, bar=bar)
+            entry.dominance_margin = calib.dominance_margin()
+            entry.online_ops = calib.merge()
+        q_out = _run(lambda x: block(x, **kwargs), q_in, batch)
+        entry.loss_after = float(block_loss(q_out, fp_out))
+        entry.seconds = time.perf_counter() - start
+        if saved is None:
+            ckpt.save(b, block, entry)
+        logs.append(entry)
+        bar.set_postfix(block=b, before=f"{entry.loss_before:.3g}", after=f"{entry.loss_after:.3g}")
+        blocks[b] = block.to("cpu", model_dtype)
+        fp_in, q_in = fp_out, q_out
+        del calib
+    bar.close()
+    model.to("cpu")  # everything back in one place; the caller moves it where it evaluates
+    return logs
+
+
+def write_log(logs: list[BlockLog], directory: Path) -> None:
+    """``calibration_log.json`` and ``calibration_loss.png`` (loss per block, before and after)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "calibration_log.json").write_text(json.dumps([asdict(entry) for entry in logs], indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    xs = [e.block for e in logs]
+    ax.semilogy(xs, [e.loss_before for e in logs], "o-", label="before (initial transforms)")
+    ax.semilogy(xs, [e.loss_after for e in logs], "o-", label="after calibration")
+    ax.set_xlabel("block")
+    ax.set_ylabel("MSE vs full precision")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(directory / "calibration_loss.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,34 @@
+"""The calibrating methods as small declarative recipes: which transforms, which clipping, how long.
+
+SmoothQuant: SmoothQuant-initialised diagonal scales, folded, no learning. OmniQuant: learnable weight clipping
+plus learnable scales (and shifts where biases absorb them, i.e. OPT; LLaMA has none, as in OmniQuant), scales
+only when activations are quantized, as its scripts do. AffineQuant: OmniQuant plus per-head affine matrices on
+v→o (optionally full matrices at the norms, kept as online ops) under the gradual mask.
+"""
+
+from __future__ import annotations
+
+from lowbit.config import QuantConfig
+from lowbit.ptq.block import TransformPlan
+
+
+def plan_for(config: QuantConfig) -> TransformPlan:
+    quant_acts = config.abits < 16
+    if config.method == "smoothquant":
+        return TransformPlan(scales=True, alpha=config.alpha)
+    if config.method == "omniquant":
+        return TransformPlan(scales=quant_acts, shifts=quant_acts, lwc=config.wbits < 16, alpha=config.alpha)
+    if config.method == "affinequant":
+        sf = config.sf if config.sf is not None else (0.1 if quant_acts else 1e-2)
+        return TransformPlan(scales=True, shifts=quant_acts, matrices=True, norm_matrices=config.norm_matrices,
+                             lwc=config.wbits < 16, alpha=config.alpha, sf=sf)
+    raise ValueError(f"{config.method} is not a calibrating method")
+
+
+def default_epochs(config: QuantConfig) -> int:
+    """The papers' recipe: 20 epochs, 40 at 2 bits; SmoothQuant learns nothing."""
+    if config.epochs is not None:
+        return config.epochs
+    if config.method == "smoothquant":
+        return 0
+    return 40 if config.wbits <= 2 else 20

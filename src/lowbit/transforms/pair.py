@@ -1,0 +1,162 @@
+"""An invertible transform ``T`` (plus an optional shift ``δ``) between a producer and the linears that read it.
+
+The producer's output ``X`` becomes ``(X - δ) T⁻¹`` and every consumer weight ``W`` becomes ``W Tᵀ`` (its bias
+absorbs ``W δ``), so the product is unchanged: ``(X - δ) T⁻¹ (W Tᵀ)ᵀ + b + W δ = X Wᵀ + b``. Quantizing the
+transformed ``X`` and ``W`` is what the methods optimise.
+
+``T`` is either a vector (a diagonal: SmoothQuant / OmniQuant's LET scales) or a block-diagonal matrix
+(AffineQuant), one ``block × block`` matrix per head for per-head pairs or one full matrix for norm pairs. The
+effective matrix is ``A ⊙ M`` with the gradual mask ``M``; its inverse is computed in float64, where float32
+loses digits on ill-conditioned matrices. Consumers that read several copies of each block (the query heads of
+grouped-query attention reading one KV head) take the matching block for each copy (``group``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from lowbit.transforms.mask import band_width, gradual_mask
+
+log = logging.getLogger(__name__)
+SCALE_MIN = 1e-5
+
+
+class PairTransform(nn.Module):
+    """Learnable ``T`` (diagonal or block-diagonal) and optional shift ``δ`` over ``dim`` producer features."""
+
+    def __init__(
+        self,
+        init_scale: torch.Tensor,
+        block: int | None = None,
+        use_matrix: bool = False,
+        shift: torch.Tensor | None = None,
+        sf: float = 1e-2,
+    ) -> None:
+        """``block``: size of the per-head blocks (None: the whole width is one block); ``use_matrix``: learn
+        block matrices rather than a diagonal."""
+        super().__init__()
+        dim = init_scale.numel()
+        block = block or dim
+        if dim % block:
+            raise ValueError(f"block {block} does not divide the width {dim}")
+        self.dim, self.block, self.sf = dim, block, sf
+        if not use_matrix:
+            self.scale = nn.Parameter(init_scale.clone().float())
+            self.matrix = None
+        else:
+            self.scale = None
+            self.matrix = nn.Parameter(torch.diag_embed(init_scale.float().view(dim // block, block)))
+            self.register_buffer("mask", torch.eye(block, device=init_scale.device), persistent=False)
+        self.shift = nn.Parameter(shift.clone().float()) if shift is not None else None
+
+    @property
+    def is_diagonal(self) -> bool:
+        return self.matrix is None
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Open the gradual mask's band for this epoch (matrices only)."""
+        if self.matrix is not None:
+            width = band_width(epoch, epochs, self.block)
+            self.mask = gradual_mask(self.block, width, self.sf, device=self.matrix.device)
+
+    # ---------------------------------------------------------------------------------------------- values
+
+    def diag(self) -> torch.Tensor:
+        return self.scale.clamp(min=SCALE_MIN) if self.scale is not None else self.scale
+
+    def effective(self) -> torch.Tensor:
+        """The block matrices actually applied, ``A ⊙ M``: shape (blocks, block, block)."""
+        return self.matrix * self.mask
+
+    def inverse(self) -> torch.Tensor:
+        t = self.effective()
+        return torch.linalg.inv(t.double()).to(t.dtype)
+
+    def dominance_margin(self) -> torch.Tensor:
+        """Smallest row margin ``(|T_ii| - Σ_{j≠i} |T_ij|) / |T_ii|``; > 0 means strictly diagonally dominant."""
+        if self.matrix is None:
+            return torch.ones((), device=self.scale.device)
+        t = self.effective().detach().abs()
+        diag = t.diagonal(dim1=-2, dim2=-1)
+        off = t.sum(-1) - diag
+        return ((diag - off) / diag.clamp(min=1e-12)).min()
+
+    @torch.no_grad()
+    def restore_dominance(self, target: float = 0.05) -> int:
+        """Shrink off-diagonal entries of rows that lost dominance until their margin is ``target``; returns
+        how many rows were repaired (0 if none needed it)."""
+        if self.matrix is None:
+            return 0
+        t = self.effective().abs()
+        diag = t.diagonal(dim1=-2, dim2=-1)
+        off = t.sum(-1) - diag
+        bad = (diag - off) <= target * diag
+        if not bad.any():
+            return 0
+        factor = torch.where(bad, (1 - target) * diag / off.clamp(min=1e-12), torch.ones_like(off))
+        eye = torch.eye(self.block, dtype=torch.bool, device=t.device)
+        self.matrix.copy_(torch.where(eye, self.matrix, self.matrix * factor.unsqueeze(-1)))
+        return int(bad.sum())
+
+    # ---------------------------------------------------------------------------------------- application
+
+    def _shift_expanded(self, group: int) -> torch.Tensor | None:
+        if self.shift is None:
+            return None
+        return self.shift.view(-1, self.block).repeat_interleave(group, 0).reshape(-1) if group > 1 else self.shift
+
+    def apply_to_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - δ) T⁻¹`` along the last dimension: what a producer that cannot absorb ``T`` emits (online op)."""
+        if self.shift is not None:
+            x = x - self.shift.to(x.dtype)
+        if self.matrix is None:
+            return x / self.diag().to(x.dtype)
+        inv = self.inverse().to(x.dtype)
+        shape = x.shape
+        x = x.reshape(*shape[:-1], -1, self.block)
+        return torch.einsum("...ni,nij->...nj", x, inv).reshape(shape)
+
+    def consumer(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = 1):
+        """``W Tᵀ`` and ``b + W δ`` for a consumer reading ``group`` copies of each block."""
+        new_bias = bias
+        shift = self._shift_expanded(group)
+        if shift is not None:
+            new_bias = (0 if bias is None else bias) + weight @ shift.to(weight.dtype)
+        if self.matrix is None:
+            scale = self.diag()
+            scale = scale.view(-1, self.block).repeat_interleave(group, 0).reshape(-1) if group > 1 else scale
+            return weight * scale.to(weight.dtype), new_bias
+        t = self.effective().to(weight.dtype).repeat_interleave(group, 0)
+        out = weight.shape[0]
+        w = torch.einsum("onb,nkb->onk", weight.reshape(out, t.shape[0], self.block), t)
+        return w.reshape(out, -1), new_bias
+
+    def producer_linear(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """Weights of a linear producer so that it emits ``(X - δ) T⁻¹`` directly (v_proj for v→o)."""
+        if self.shift is not None and bias is None:
+            raise ValueError("a shift needs a producer bias to absorb it")
+        if self.matrix is None:
+            scale = self.diag().to(weight.dtype)
+            new_bias = None if bias is None else (bias - (self.shift if self.shift is not None else 0)) / scale
+            return weight / scale[:, None], new_bias
+        inv = self.inverse().to(weight.dtype)
+        n = inv.shape[0]
+        w = torch.einsum("nij,nia->nja", inv, weight.reshape(n, self.block, -1)).reshape(weight.shape)
+        new_bias = None
+        if bias is not None:
+            b = bias - (self.shift if self.shift is not None else 0)
+            new_bias = torch.einsum("ni,nij->nj", b.reshape(n, self.block), inv).reshape(-1)
+        return w, new_bias
+
+    def producer_norm(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """Norm affine parameters that emit ``(X - δ) / s``; only a diagonal ``T`` can be folded into a norm."""
+        if self.matrix is not None:
+            raise ValueError("a full matrix cannot be folded into a norm's elementwise weight")
+        scale = self.diag().to(weight.dtype)
+        if self.shift is not None and bias is None:
+            raise ValueError("a shift needs a norm bias to absorb it")
+        new_bias = None if bias is None else (bias - (self.shift if self.shift is not None else 0)) / scale
+        return weight / scale, new_bias

@@ -1,0 +1,77 @@
+"""Merging is exact: with quantization off, transformed-and-merged models give the original logits."""
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from lowbit.models.registry import adapter_for
+from lowbit.ptq.block import BlockCalibration, TransformPlan
+from lowbit.ptq.capture import capture_block_inputs
+
+PLANS = {
+    "scales": TransformPlan(scales=True),
+    "scales+shifts": TransformPlan(scales=True, shifts=True),
+    "matrices": TransformPlan(scales=True, shifts=True, matrices=True, sf=0.3),
+    "norm_matrices": TransformPlan(scales=True, shifts=True, matrices=True, norm_matrices=True, sf=0.3),
+}
+
+
+def randomise(calib: BlockCalibration, gen: torch.Generator) -> None:
+    """Push every transform far from identity while keeping matrices strictly diagonally dominant."""
+    with torch.no_grad():
+        for t in calib.transforms.values():
+            t.set_epoch(4, 5)  # the last epoch: the mask's band is fully open
+            if t.scale is not None:
+                t.scale.mul_(torch.rand(t.scale.shape, generator=gen) * 1.5 + 0.5)
+            else:
+                n, b, _ = t.matrix.shape
+                off = (torch.rand(n, b, b, generator=gen) - 0.5) * 2 / b
+                t.matrix.add_(off * t.matrix.diagonal(dim1=-2, dim2=-1).abs().unsqueeze(-1))
+            if t.shift is not None:
+                t.shift.add_(torch.randn(t.shift.shape, generator=gen))
+            assert t.dominance_margin() > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_transform_and_merge_keep_logits(arch, plan_name):
+    model = make_tiny_model(arch).float()
+    adapter = adapter_for(model.config.model_type)
+    heads = adapter.heads(model.config)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 384, (2, 24), generator=gen)
+    with torch.no_grad():
+        expected = model(ids).logits
+    x, kwargs = capture_block_inputs(model, adapter, ids, "cpu")
+    online = []
+    for block in adapter.blocks(model):
+        with torch.no_grad():
+            ref = block(x, **kwargs)
+            ref = ref[0] if isinstance(ref, tuple) else ref
+        calib = BlockCalibration(block, adapter, heads, PLANS[plan_name], None, None)
+        calib.init_transforms(x, kwargs, batch=2)
+        randomise(calib, gen)
+        with torch.no_grad():
+            torch.testing.assert_close(calib(x, kwargs), ref, atol=1e-4, rtol=1e-4)  # during calibration
+        online += calib.merge()
+        with torch.no_grad():
+            merged = block(x, **kwargs)
+            merged = merged[0] if isinstance(merged, tuple) else merged
+        torch.testing.assert_close(merged, ref, atol=1e-4, rtol=1e-4)  # after merging
+        x = ref
+    with torch.no_grad():
+        got = model(ids).logits
+    assert (got - expected).abs().max() <= 1e-3
+    assert bool(online) == (plan_name == "norm_matrices")  # only a full norm matrix stays online
+
+
+def test_shifts_only_where_biases_absorb_them():
+    for arch, expect_shift in (("llama", False), ("opt", True)):
+        model = make_tiny_model(arch)
+        adapter = adapter_for(model.config.model_type)
+        ids = torch.randint(0, 384, (1, 8))
+        x, kwargs = capture_block_inputs(model, adapter, ids, "cpu")
+        calib = BlockCalibration(adapter.blocks(model)[0], adapter, adapter.heads(model.config),
+                                 TransformPlan(scales=True, shifts=True), None, None)
+        calib.init_transforms(x, kwargs, batch=1)
+        assert any(t.shift is not None for t in calib.transforms.values()) == expect_shift
