@@ -1,0 +1,121 @@
+"""The calibration engine on tiny models: a CPU smoke run per method, resume, NaN recovery, dominance repair."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+import lowbit.ptq.engine as engine
+from lowbit import QuantConfig, quantize
+from lowbit.models.loading import LoadedModel
+from lowbit.models.registry import adapter_for
+from lowbit.transforms.pair import PairTransform
+
+
+def tiny_loaded(arch, tokenizer):
+    model = make_tiny_model(arch)
+    return LoadedModel(model, tokenizer, adapter_for(model.config.model_type), arch)
+
+
+def config(method="affinequant", **kw):
+    base = dict(method=method, wbits=4, abits=4, nsamples=2, seqlen=32, epochs=2, let_lr=1e-2, seed=1)
+    return QuantConfig(**{**base, **kw})
+
+
+def logits(loaded, ids):
+    with torch.no_grad():
+        return loaded.model(ids).logits
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "omniquant", "affinequant"])
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_smoke_every_method(method, arch, tiny_tokenizer):
+    loaded = tiny_loaded(arch, tiny_tokenizer)
+    quantize(loaded, config(method, epochs=1), progress=False)
+    log = loaded.calibration_log
+    assert len(log) == 2 and all(e.loss_after == e.loss_after for e in log)  # not NaN
+    ids = torch.randint(0, 384, (1, 16))
+    assert torch.isfinite(logits(loaded, ids)).all()
+
+
+def test_learning_lowers_block_loss(tiny_tokenizer):
+    loaded = tiny_loaded("llama", tiny_tokenizer)
+    quantize(loaded, config("omniquant", epochs=6, nsamples=4, lwc_lr=5e-2), progress=False)
+    first = loaded.calibration_log[0]
+    assert first.epoch_losses[-1] < first.epoch_losses[0]
+
+
+def test_resume_after_a_kill_gives_the_same_model(tmp_path, tiny_tokenizer, monkeypatch):
+    ids = torch.randint(0, 384, (1, 16))
+    ref = tiny_loaded("llama", tiny_tokenizer)
+    quantize(ref, config(), checkpoint_dir=tmp_path / "uninterrupted", progress=False)
+
+    killed = tiny_loaded("llama", tiny_tokenizer)
+    real_optimise = engine._optimise
+    calls = {"n": 0}
+
+    def dies_in_block_1(*args, **kwargs):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt  # as if the process were killed during block 1
+        calls["n"] += 1
+        return real_optimise(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_optimise", dies_in_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(killed, config(), checkpoint_dir=tmp_path / "ckpt", progress=False)
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("block_*.safetensors")) == ["block_000.safetensors"]
+    monkeypatch.setattr(engine, "_optimise", real_optimise)
+
+    resumed = tiny_loaded("llama", tiny_tokenizer)
+    quantize(resumed, config(), checkpoint_dir=tmp_path / "ckpt", progress=False)
+    assert torch.equal(logits(resumed, ids), logits(ref, ids))
+    assert json.loads((tmp_path / "ckpt" / "block_000.json").read_text())["block"] == 0
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path, tiny_tokenizer):
+    from lowbit.errors import LowbitError
+
+    quantize(tiny_loaded("llama", tiny_tokenizer), config(epochs=1), checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(LowbitError, match="another configuration"):
+        quantize(tiny_loaded("llama", tiny_tokenizer), config(epochs=2), checkpoint_dir=tmp_path, progress=False)
+
+
+def test_non_finite_loss_rolls_back_and_retries(tiny_tokenizer, monkeypatch, caplog):
+    real = engine.block_loss
+    state = {"calls": 0}
+
+    def poisoned(out, target):
+        state["calls"] += 1
+        loss = real(out, target)
+        return loss * float("nan") if state["calls"] == 3 else loss  # one poisoned optimisation step
+
+    monkeypatch.setattr(engine, "block_loss", poisoned)
+    loaded = tiny_loaded("llama", tiny_tokenizer)
+    with caplog.at_level("WARNING"):
+        quantize(loaded, config("omniquant", epochs=2), progress=False)
+    assert "non-finite loss" in caplog.text
+    assert loaded.calibration_log[0].retries == 1
+    assert all(torch.isfinite(torch.tensor(e.epoch_losses)).all() for e in loaded.calibration_log)
+    assert torch.isfinite(logits(loaded, torch.randint(0, 384, (1, 8)))).all()
+
+
+def test_dominance_check_and_repair():
+    t = PairTransform(torch.ones(8), block=4, use_matrix=True, sf=1.0)
+    t.set_epoch(1, 2)
+    assert t.dominance_margin() == pytest.approx(1.0)
+    with torch.no_grad():
+        t.matrix[0, 1, :] = torch.tensor([0.5, 1.0, 0.6, 0.7])  # row 1 of block 0: off-diagonals sum to 1.8 > 1
+    assert t.dominance_margin() < 0
+    assert t.restore_dominance(target=0.05) == 1
+    assert t.dominance_margin() == pytest.approx(0.05, abs=1e-5)
+    torch.linalg.inv(t.effective())  # invertible again
+
+
+def test_gradual_mask_band_and_single_epoch():
+    from lowbit.transforms.mask import band_width, gradual_mask
+
+    assert [band_width(e, 5, 9) for e in range(5)] == [1, 3, 5, 7, 9]
+    assert band_width(0, 1, 9) == 9  # the reference divides by zero here
+    m = gradual_mask(4, 2, 0.1)
+    assert torch.equal(m, torch.tensor([[1, .1, 0, 0], [.1, 1, .1, 0], [0, .1, 1, .1], [0, 0, .1, 1]]))
