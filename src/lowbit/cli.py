@@ -63,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nsamples", type=int, default=128, help="calibration windows (calibrating methods)")
     q.add_argument("--calib-data", default="wikitext2", help="wikitext2, ptb, lambada (non-test splits) or a .txt path")
     q.add_argument("--seed", type=int, default=0)
+    c = q.add_argument_group("calibration recipe (smoothquant / omniquant / affinequant)")
+    c.add_argument("--epochs", type=int, default=None, help="epochs per block (default 20, 40 at 2 bits; 0 for smoothquant)")
+    c.add_argument("--calib-batch-size", type=int, default=1, help="calibration windows per optimisation step (default 1)")
+    c.add_argument("--let-lr", type=float, default=5e-3, help="learning rate of scales, shifts and matrices")
+    c.add_argument("--lwc-lr", type=float, default=1e-2, help="learning rate of the weight clipping")
+    c.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength of the initial scales")
+    c.add_argument("--sf", type=float, default=None, help="AffineQuant stability factor (default 0.1 with activation quantization, else 0.01)")
+    c.add_argument("--aug-loss", action="store_true", help="also match the FP block on the quantized inputs")
+    c.add_argument("--norm-matrices", action="store_true", help="AffineQuant: full matrices after the norms (kept as online ops)")
+    c.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="per-block checkpoints for resuming (default: .<output>.calib beside --output)")
+    q.add_argument("--compare-rtn", action="store_true", help="with --eval: also evaluate RTN at the same bits, side by side")
     q.add_argument("--output", type=Path, required=True, help="directory to write the quantized model to")
     q.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     _add_eval_args(q, default_tasks=None)
@@ -100,7 +112,9 @@ def _run_quantize(args) -> int:
     from lowbit.report import eval_and_record, print_table, write_json
 
     config = QuantConfig(method=args.method, wbits=args.wbits, abits=args.abits, group_size=args.group_size,
-                         nsamples=args.nsamples, seqlen=args.seqlen, calib_data=args.calib_data, seed=args.seed)
+                         nsamples=args.nsamples, seqlen=args.seqlen, calib_data=args.calib_data, seed=args.seed,
+                         epochs=args.epochs, batch_size=args.calib_batch_size, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
+                         alpha=args.alpha, sf=args.sf, aug_loss=args.aug_loss, norm_matrices=args.norm_matrices)
     if args.output.exists() and not args.overwrite:
         raise LowbitError(f"output {args.output} already exists; choose another --output or pass --overwrite")
     check_tasks(args.tasks)
@@ -111,14 +125,29 @@ def _run_quantize(args) -> int:
     if args.tasks:
         columns.append(f"FP ({loaded.model.dtype})".replace("torch.", ""))
         rows += eval_and_record(loaded, args.tasks, options, columns[-1], None)
+    if args.tasks and args.compare_rtn and config.method != "rtn":
+        import copy
+
+        rtn_config = QuantConfig(method="rtn", wbits=config.wbits, abits=config.abits, group_size=config.group_size)
+        rtn = quantize(copy.deepcopy(loaded), rtn_config)
+        columns.append(f"rtn {config.name}")
+        rows += eval_and_record(rtn, args.tasks, options, columns[-1], rtn_config)
+        del rtn
+    checkpoint_dir = args.checkpoint_dir or args.output.parent / f".{args.output.name}.calib"
     start = time.perf_counter()
-    quantize(loaded, config)
+    quantize(loaded, config, device=device, checkpoint_dir=None if config.method == "rtn" else checkpoint_dir,
+             progress=not args.quiet)
+    loaded.model.to(device)
     log.info("quantized with %s %s in %.1f s", config.method, config.name, time.perf_counter() - start)
     if args.tasks:
         columns.append(f"{config.method} {config.name}")
         rows += eval_and_record(loaded, args.tasks, options, columns[-1], config)
     out = save_quantized(loaded, config, args.output, overwrite=args.overwrite)
     print(f"saved {config.method} {config.name} model to {out}")
+    if config.method != "rtn" and checkpoint_dir.exists():
+        import shutil
+
+        shutil.rmtree(checkpoint_dir)  # the run finished: its resume points are no longer needed
     if rows:
         print_table(rows, columns)
         write_json(rows, args.json or out / "eval_results.json")

@@ -20,6 +20,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.loading import LoadedModel
 
 QUANT_FILE = "quantization.json"
+ONLINE_FILE = "online_transforms.safetensors"
 FORMAT = "lowbit-fake-quant"
 FORMAT_VERSION = 1
 
@@ -60,6 +61,15 @@ def save_quantized(
                 "bits": config.abits, "granularity": "token", "symmetric": config.act_symmetric, "dynamic": True,
             },
         }
+        online = _save_online(loaded.model, tmp)
+        if online:
+            meta["online_ops"] = online
+            meta["note"] = ("online transforms (full affine matrices after norms) are in online_transforms.safetensors; "
+                            "load this directory with lowbit.load_model, plain transformers would ignore them")
+        if getattr(loaded, "calibration_log", None):
+            from lowbit.ptq.engine import write_log
+
+            write_log(loaded.calibration_log, tmp)
         (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if output.exists():
             shutil.rmtree(output)
@@ -70,8 +80,38 @@ def save_quantized(
     return output
 
 
+def _save_online(model, directory: Path) -> list[str]:
+    from safetensors.torch import save_file
+
+    from lowbit.ptq.checkpoint import online_tensors
+
+    tensors = online_tensors(model)
+    if tensors:
+        save_file(tensors, str(directory / ONLINE_FILE))
+    return sorted({k.rsplit(".", 2)[0] for k in tensors})
+
+
+def _load_online(model, directory: Path, names: list[str]) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from lowbit.ptq.block import OnlineTransform, attach_online
+    from lowbit.ptq.checkpoint import ONLINE
+
+    try:
+        tensors = load_file(str(directory / ONLINE_FILE))
+    except (OSError, SafetensorError) as err:
+        raise LowbitError(f"{directory / ONLINE_FILE} is missing or corrupt ({err}); the model cannot run without it") from None
+    for name in names:
+        try:
+            inverse = tensors[f"{name}.{ONLINE}.inverse"]
+        except KeyError:
+            raise LowbitError(f"{directory / ONLINE_FILE} has no transform for {name}; the directory is corrupt") from None
+        attach_online(model.get_submodule(name), OnlineTransform(inverse, tensors.get(f"{name}.{ONLINE}.shift")))
+
+
 def read_quantization(directory: Path):
-    """Parse and check ``quantization.json``; returns the ``QuantConfig`` or None if there is none."""
+    """Parse and check ``quantization.json``; returns (``QuantConfig``, online op names) or None if absent."""
     from lowbit.config import QuantConfig
 
     path = directory / QUANT_FILE
@@ -88,17 +128,20 @@ def read_quantization(directory: Path):
             f"{path} was written by lowbit {meta.get('lowbit_version')} (format {meta['format_version']}); "
             f"upgrade lowbit (this is {_version()})"
         )
-    return QuantConfig.from_dict(meta["config"])
+    return QuantConfig.from_dict(meta["config"]), meta.get("online_ops", [])
 
 
 def attach_saved_quantization(loaded: LoadedModel, directory: Path | None) -> None:
     """If ``directory`` was written by ``save_quantized``, quantize activations again as it was calibrated."""
     from lowbit.ptq.wrap import wrap_linears
 
-    config = read_quantization(directory) if directory is not None else None
-    if config is None:
+    found = read_quantization(directory) if directory is not None else None
+    if found is None:
         return
+    config, online = found
     loaded.quant_config = config
+    if online:
+        _load_online(loaded.model, directory, online)
     if config.act_spec is not None:
         wrap_linears(loaded.model, loaded.adapter, None, config.act_spec)
     loaded.source = f"{loaded.source} ({config.method} {config.name})"
