@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model: perplexity and zero-shot accuracy")
     _add_model_args(e)
     _add_eval_args(e, default_tasks="wikitext2")
+
+    from lowbit.train.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 
@@ -181,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
         if args.quiet:
             transformers.utils.logging.disable_progress_bar()
-        handler = {"quantize": _run_quantize, "eval": _run_eval}[args.command]
+        from lowbit.train.cli import run_train
+
+        handler = {"quantize": _run_quantize, "eval": _run_eval, "train": run_train}[args.command]
         return handler(args)
     except LowbitError as err:
         print(f"lowbit: error: {err}", file=sys.stderr)

@@ -1,0 +1,12 @@
+"""4-bit fully quantized training (Xi et al., NeurIPS'23): HQ forward, bit-split + LSS backward.
+
+``convert(model, TrainQuantConfig())`` swaps ``nn.Linear`` layers for ``QuantTrainLinear``, whose three matmuls
+take integer operands through ``lowbit.train.dispatch.int_matmul``.
+"""
+
+from lowbit.train.config import PRESETS, TrainQuantConfig, preset
+from lowbit.train.convert import convert, quantized_layers
+from lowbit.train.dispatch import int_matmul
+from lowbit.train.linear import QuantTrainLinear
+
+__all__ = ["PRESETS", "QuantTrainLinear", "TrainQuantConfig", "convert", "int_matmul", "preset", "quantized_layers"]

@@ -1,0 +1,111 @@
+"""Hadamard quantizer (HQ) for the forward matmul, with LSQ learnable steps.
+
+The forward of a converted layer is ``Y = Q(X T) Q(W T)^T`` with ``T`` the block Hadamard (orthogonal, so
+without rounding this is ``X W^T``). ``Q`` is symmetric INT-b on ``[-2^(b-1), 2^(b-1)-1]``:
+``q = round(clamp(v, qmin, qmax))``, ``v = x / s``, with ``s`` a learnable LSQ step (Esser et al.): the input
+gradient passes straight through inside the range and is zero outside; the step gets
+``sum(g * (round(v) - v))`` inside and ``sum(g * qmin|qmax)`` outside, times ``1/sqrt(numel * qmax)``.
+Per-token activations (an option) use the shared dynamic absmax quantizer (nothing learned, no clipping).
+
+The integer part of that math lives here as plain functions; ``linear.py`` wires them into autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.quant.hadamard import hadamard_transform, inverse_hadamard_transform
+from lowbit.quant.quantizer import QuantSpec, quantize
+
+
+class Rotation(NamedTuple):
+    """How a layer's reduction dimension is rotated: block 0 means no Hadamard; ``pad`` zero columns added."""
+
+    block: int
+    pad: int
+    signs: torch.Tensor | None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad:
+            x = F.pad(x, (0, self.pad))
+        return hadamard_transform(x, self.block, self.signs) if self.block else x
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        x = inverse_hadamard_transform(y, self.block, self.signs) if self.block else y
+        return x[..., : x.shape[-1] - self.pad] if self.pad else x
+
+
+def lsq_init(v: torch.Tensor, qmax: int, dim: int | None = None) -> torch.Tensor:
+    """Initial step, per tensor or per row (``dim=-1``): LSQ's ``2 mean|v| / sqrt(qmax)`` up to 4 bits (the paper).
+
+    Above 4 bits that rule spans about +-18 sigma of a Gaussian and wastes most of the grid, so wider grids
+    start from ``absmax / qmax`` (nothing clipped).
+    """
+    if qmax > 7:
+        amax = v.abs().amax() if dim is None else v.abs().amax(dim=dim)
+        return (amax / qmax).clamp_min(1e-8)
+    mean_abs = v.abs().mean() if dim is None else v.abs().mean(dim=dim)
+    return (2 * mean_abs / math.sqrt(qmax)).clamp_min(1e-8)
+
+
+class Quantized(NamedTuple):
+    """An operand on the integer grid: ``q`` (float32 integers), its step(s) and the pre-rounding ``v = x/s``."""
+
+    q: torch.Tensor
+    step: torch.Tensor  # 0-dim (tensor) or (rows, 1)
+    v: torch.Tensor | None  # None when nothing is learned (per-token dynamic)
+
+
+def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> Quantized:
+    """``q = round(clamp(x / step))`` with ``step`` 0-dim or one per row of ``x``."""
+    s = step.float().reshape(-1, 1) if step.numel() > 1 else step.float().reshape(())
+    v = x / s
+    return Quantized(torch.round(v.clamp(qmin, qmax)), s, v)
+
+
+def dynamic_token_quantize(x: torch.Tensor, bits: int) -> Quantized:
+    """Per-row absmax symmetric quantization through the shared quantizer (no clipping, no learned step)."""
+    qt = quantize(x, QuantSpec(bits=bits, symmetric=True, granularity="token"))
+    return Quantized(qt.q.reshape(x.shape), qt.scale.reshape(-1, 1), None)
+
+
+def lsq_backward(
+    grad: torch.Tensor, op: Quantized, qmin: int, qmax: int, numel: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``step * q`` w.r.t. the unquantized operand and the step, given ``grad`` w.r.t. ``step * q``.
+
+    ``numel`` fixes the element count in a per-tensor step's gradient scale (LSQ uses the current tensor's);
+    a constant count makes the step gradient a plain sum over tokens, so gradient accumulation over
+    micro-batches equals one big batch.
+    """
+    if op.v is None:  # dynamic absmax: straight through everywhere, no step to learn
+        return grad, None
+    v = op.v
+    inside = (v >= qmin) & (v <= qmax)
+    grad_x = grad * inside
+    dstep = torch.where(inside, torch.round(v) - v, v.clamp(qmin, qmax))
+    if op.step.dim() == 0:
+        scale = 1.0 / math.sqrt((numel or v.numel()) * qmax)
+        grad_step = (grad * dstep).sum() * scale
+    else:
+        scale = 1.0 / math.sqrt(v.shape[-1] * qmax)
+        grad_step = (grad * dstep).sum(dim=-1) * scale
+    return grad_x, grad_step
+
+
+def forward_error(x: torch.Tensor, w: torch.Tensor, rot: Rotation, bits: int, token: bool) -> torch.Tensor:
+    """Relative squared error of the quantized product ``Q(xT) Q(wT)^T`` against ``x w^T`` at LSQ-init steps.
+
+    What ``block_size="auto"`` minimises, and what conversion tests bound.
+    """
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    xh, wh = rot.apply(x.float()), rot.apply(w.float())
+    qx = dynamic_token_quantize(xh, bits) if token else lsq_quantize(xh, lsq_init(xh, qmax), qmin, qmax)
+    qw = lsq_quantize(wh, lsq_init(wh, qmax), qmin, qmax)
+    approx = (qx.q * qx.step) @ (qw.q * qw.step).T
+    exact = x.float() @ w.float().T
+    return ((approx - exact).pow(2).sum() / exact.pow(2).sum().clamp_min(1e-30)).reshape(())

@@ -1,0 +1,130 @@
+"""Output-gradient quantizers and leverage-score sampling (LSS): the random parts of the 4-bit backward.
+
+Every function takes an explicit ``torch.Generator`` and is unbiased where stated, so the layer's gradient
+estimates are unbiased for the straight-through gradient of the quantized forward:
+
+- ``stochastic_round(x)``: ``floor(x + U[0,1))``, ``E = x`` exactly, error < 1.
+- ``bit_split(g)``: ``g ~ (14 hi + lo) / s`` with ``s = 98 / max|g|``, ``hi = round(g s / 14)``, ``lo`` the
+  stochastically rounded remainder. ``g s`` lies in ``[-98, 98]`` so ``hi`` and ``lo`` lie in ``[-7, 7]``: no
+  clamp is ever active, hence ``E[(14 hi + lo)/s] = g`` and ``|error| < 1/s = max|g|/98`` elementwise.
+  (The reference's ``clamp(.., -6, 6)`` on ``hi`` would bias the largest entries; with ``[-7, 7]`` both
+  halves still fit signed INT4.)
+- ``waterfill(scores, m)``: the ``p_i = min(1, c s_i)`` with ``sum p = m`` that minimises the variance
+  ``sum s_i^2 / p_i`` of a 1/p-reweighted Bernoulli row sample; ``sample_rows`` draws it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+SPLIT_BASE = 14  # weight of the high part
+SPLIT_RANGE = 98  # = 14 * 7: g * s spans [-98, 98]
+
+
+def stochastic_round(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Unbiased rounding: ``floor(x + u)``, ``u ~ U[0, 1)``; ``E[result] = x``."""
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.floor(x + u)
+
+
+class BitSplit(NamedTuple):
+    """``g ~ (SPLIT_BASE * hi + lo) / scale``: two INT4 matrices (float32 holding integers) and one scale."""
+
+    hi: torch.Tensor
+    lo: torch.Tensor
+    scale: torch.Tensor  # 0-dim float32
+
+    def dequantize(self) -> torch.Tensor:
+        return (SPLIT_BASE * self.hi + self.lo) / self.scale
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 2N x C INT4 matrix ``[hi; lo]`` and each row's dequantization weight (14/s or 1/s)."""
+        n = self.hi.shape[0]
+        rows = torch.cat([self.hi, self.lo], 0)
+        weight = torch.cat([torch.full((n,), float(SPLIT_BASE)), torch.ones(n)]).to(rows.device) / self.scale
+        return rows, weight
+
+
+def bit_split(g: torch.Tensor, generator: torch.Generator | None) -> BitSplit:
+    """Split a 2-D gradient into high and low INT4 parts (float32 in, exact integers out); see module doc."""
+    g = g.float()
+    amax = g.abs().amax() if g.numel() else torch.zeros((), device=g.device)
+    scale = torch.where(amax > 0, SPLIT_RANGE / amax.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))
+    if not torch.isfinite(scale):  # max|g| tiny enough that 98/max overflows: treat as zero gradient
+        scale = torch.ones_like(amax)
+        g = torch.zeros_like(g)
+    t = (g * scale).clamp(-SPLIT_RANGE, SPLIT_RANGE)  # only float rounding can leave the range
+    hi = torch.round(t / SPLIT_BASE).clamp(-7, 7)
+    lo = stochastic_round(t - SPLIT_BASE * hi, generator).clamp(-7, 7)
+    return BitSplit(hi, lo, scale)
+
+
+class QuantGrad(NamedTuple):
+    """A per-tensor symmetric integer gradient ``g ~ q / scale`` (the INT8 backward)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+
+def stochastic_quantize(g: torch.Tensor, bits: int, generator: torch.Generator | None) -> QuantGrad:
+    """Per-tensor symmetric ``bits``-bit quantization with stochastic rounding: unbiased, range ``[-qmax, qmax]``."""
+    qmax = 2 ** (bits - 1) - 1
+    g = g.float()
+    amax = g.abs().amax() if g.numel() else torch.zeros((), device=g.device)
+    scale = torch.where(amax > 0, qmax / amax.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))
+    if not torch.isfinite(scale):
+        scale, g = torch.ones_like(amax), torch.zeros_like(g)
+    q = stochastic_round((g * scale).clamp(-qmax, qmax), generator).clamp(-qmax, qmax)
+    return QuantGrad(q, scale)
+
+
+def waterfill(scores: torch.Tensor, target: float) -> torch.Tensor:
+    """Keep probabilities ``p_i = min(1, c s_i)`` with ``sum p = min(target, #nonzero)``; zero scores get 0.
+
+    Sorted descending, the first ``k`` rows saturate at 1 and ``c = (target - k) / sum_{j>=k} s_j``; ``k`` is the
+    smallest count for which the next row no longer saturates.
+    """
+    s = scores.double().clamp_min(0)
+    positive = s > 0
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return torch.zeros_like(scores, dtype=torch.float32)
+    if target >= n_pos:
+        return positive.float()
+    s_sorted, _ = torch.sort(s, descending=True)
+    s_sorted = s_sorted[:n_pos]
+    tail = torch.flip(torch.cumsum(torch.flip(s_sorted, [0]), 0), [0])  # tail[k] = sum_{j >= k} s_j
+    k = torch.arange(n_pos, device=s.device, dtype=torch.float64)
+    c = (target - k) / tail
+    valid = (c > 0) & (c * s_sorted <= 1 + 1e-12)
+    first = int(torch.nonzero(valid)[0]) if bool(valid.any()) else n_pos - 1
+    p = (c[first] * s).clamp(max=1.0)
+    return p.float()
+
+
+class RowSample(NamedTuple):
+    """Kept row indices and the unbiasing factor ``1/p`` of each kept row."""
+
+    index: torch.Tensor
+    inv_p: torch.Tensor
+    p_kept: torch.Tensor
+
+
+def sample_rows(scores: torch.Tensor, ratio: float, generator: torch.Generator | None) -> RowSample:
+    """Bernoulli-keep rows with water-filled probabilities, expected count ``ratio * len(scores)``.
+
+    ``ratio >= 1`` keeps every nonzero row with ``p = 1`` (sampling off; no random draw is made).
+    """
+    n = scores.shape[0]
+    if ratio >= 1.0:
+        p = (scores > 0).float()
+        keep = p > 0
+    else:
+        p = waterfill(scores, ratio * n)
+        u = torch.rand(n, generator=generator, device=scores.device)
+        keep = u < p
+    index = torch.nonzero(keep).reshape(-1)
+    p_kept = p[index]
+    return RowSample(index, 1.0 / p_kept, p_kept)
