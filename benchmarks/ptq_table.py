@@ -20,7 +20,7 @@ import torch
 
 from lowbit import QuantConfig, load_model, quantize
 from lowbit.eval import EvalOptions
-from lowbit.report import eval_and_record, write_json
+from lowbit.report import eval_and_record, print_markdown, write_json
 
 
 def parse_run(text: str, args) -> QuantConfig:
@@ -73,8 +73,7 @@ def main() -> None:
         print(lines[-1], flush=True)
         loaded.model.to("cpu")
         del loaded
-    print("\n| method | config | wikitext2 ppl | s/block | peak GPU GiB |\n|---|---|---|---|---|")
-    print("\n".join(lines))
+    print_markdown(["method", "config", "wikitext2 ppl", "s/block", "peak GPU GiB"], lines)
     write_json(rows, args.out)
 
 

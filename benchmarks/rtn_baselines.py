@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lowbit import QuantConfig, load_model, quantize
 from lowbit.eval import EvalOptions
-from lowbit.report import eval_and_record, write_json
+from lowbit.report import eval_and_record, print_markdown, write_json
 
 # Reference perplexities measured with the official AffineQuant code on the same model (baselines.md).
 REFERENCE = {
@@ -70,8 +70,7 @@ def main() -> None:
         table.append(f"| {name} | {ref} | {value:.4g} | {diff} |")
         print(table[-1], f"({seconds:.1f} s)", flush=True)
         del loaded
-    print("\n| config | reference | lowbit | diff |\n|---|---|---|---|")
-    print("\n".join(table))
+    print_markdown(["config", "reference", "lowbit", "diff"], table)
     write_json(rows, args.out)
 
 

@@ -69,6 +69,12 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print(f"| {task} | {metric} | {cells} |")
 
 
+def print_markdown(header: list[str], lines: list[str]) -> None:
+    """Print pre-formatted ``| a | b |`` rows under a markdown header (benchmark scripts' summary tables)."""
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    print("\n".join(lines))
+
+
 def write_json(rows: list[dict], path: str | Path) -> Path:
     """Write ``rows`` atomically (temp file, then rename)."""
     path = Path(path)
