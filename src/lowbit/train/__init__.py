@@ -8,5 +8,7 @@ from lowbit.train.config import PRESETS, TrainQuantConfig, preset
 from lowbit.train.convert import convert, quantized_layers
 from lowbit.train.dispatch import int_matmul
 from lowbit.train.linear import QuantTrainLinear
+from lowbit.train.optim import lsq_parameters, param_groups
 
-__all__ = ["PRESETS", "QuantTrainLinear", "TrainQuantConfig", "convert", "int_matmul", "preset", "quantized_layers"]
+__all__ = ["PRESETS", "QuantTrainLinear", "TrainQuantConfig", "convert", "int_matmul", "lsq_parameters", "param_groups",
+           "preset", "quantized_layers"]
