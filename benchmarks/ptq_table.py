@@ -44,10 +44,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--dtype", default="float32", help="model dtype for calibration and evaluation (default float32)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ptq_table.json")
     args = p.parse_args()
 
-    fp = load_model(args.model, device="cpu", dtype="float16" if args.device.startswith("cuda") else "float32")
+    fp = load_model(args.model, device="cpu", dtype=args.dtype)
     options = EvalOptions(seqlen=2048, batch_size=8, limit=args.limit, device=args.device, progress=False)
     rows, lines = [], []
     for run in args.runs.split(","):

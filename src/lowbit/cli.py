@@ -33,7 +33,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_eval_args(p: argparse.ArgumentParser, default_tasks: str | None) -> None:
     p.add_argument("--seqlen", type=int, default=2048,
-                   help="window length in tokens for perplexity (and calibration, when quantizing); default 2048")
+                   help="window length in tokens for perplexity (default 2048)")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate only the first N windows / items of each task (quick CPU runs)")
     p.add_argument("--batch-size", type=int, default=None, help="perplexity windows per forward (default 1 on CPU, 8 on CUDA)")
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--abits", type=int, default=16, help="activation bits, 2-8, or 16 for float (default 16)")
     q.add_argument("--group-size", type=int, default=None, help="weight group size along the input (default: per channel)")
     q.add_argument("--nsamples", type=int, default=128, help="calibration windows (calibrating methods)")
+    q.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     q.add_argument("--calib-data", default="wikitext2", help="wikitext2, ptb, lambada (non-test splits) or a .txt path")
     q.add_argument("--seed", type=int, default=0)
     c = q.add_argument_group("calibration recipe (smoothquant / omniquant / affinequant)")
@@ -116,7 +117,7 @@ def _run_quantize(args) -> int:
     from lowbit.report import eval_and_record, print_table, write_json
 
     config = QuantConfig(method=args.method, wbits=args.wbits, abits=args.abits, group_size=args.group_size,
-                         nsamples=args.nsamples, seqlen=args.seqlen, calib_data=args.calib_data, seed=args.seed,
+                         nsamples=args.nsamples, seqlen=args.calib_seqlen, calib_data=args.calib_data, seed=args.seed,
                          epochs=args.epochs, batch_size=args.calib_batch_size, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
                          alpha=args.alpha, sf=args.sf, aug_loss=args.aug_loss, norm_matrices=args.norm_matrices)
     if args.output.exists() and not args.overwrite:

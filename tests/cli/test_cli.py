@@ -49,6 +49,24 @@ def test_quantize_save_eval_round_trip(tmp_path, capsys, tiny_model_dir, text_fi
     assert again["value"] == pytest.approx(quant, rel=2e-3)  # weights were saved as float16
 
 
+def test_affinequant_cli_side_by_side_and_reload(tmp_path, capsys, tiny_model_dir, text_file):
+    """The README's main job in miniature: calibrate, print FP / RTN / AffineQuant, save, reload, same number."""
+    out = tmp_path / "aq"
+    argv = ["-q", "quantize", "--method", "affinequant", "--model", str(tiny_model_dir("llama")), "--wbits", "4",
+            "--abits", "4", "--nsamples", "2", "--calib-seqlen", "32", "--epochs", "1", "--output", str(out),
+            "--eval", str(text_file), "--seqlen", "64", "--compare-rtn", "--device", "cpu"]
+    assert main(argv) == 0
+    assert "| FP (float32) | rtn W4A4 | affinequant W4A4 |" in capsys.readouterr().out
+    meta = json.loads((out / "quantization.json").read_text())
+    assert meta["config"]["method"] == "affinequant" and meta["config"]["seqlen"] == 32
+    assert json.loads((out / "calibration_log.json").read_text())[0]["block"] == 0
+    assert not (tmp_path / ".aq.calib").exists()  # resume points are removed once the run has finished
+    calibrated = json.loads((out / "eval_results.json").read_text())[-1]["value"]
+    assert main(["-q", "eval", "--model", str(out), "--tasks", str(text_file), "--seqlen", "64",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())[0]["value"] == pytest.approx(calibrated, rel=2e-3)
+
+
 @pytest.mark.parametrize("bits", ["1", "9"])
 def test_bad_bits(tmp_path, capsys, bits):
     line = run_error(capsys, ["quantize", "--wbits", bits, "--output", str(tmp_path / "o")])

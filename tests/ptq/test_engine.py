@@ -105,7 +105,7 @@ def test_dominance_check_and_repair():
     t.set_epoch(1, 2)
     assert t.dominance_margin() == pytest.approx(1.0)
     with torch.no_grad():
-        t.matrix[0, 1, :] = torch.tensor([0.5, 1.0, 0.6, 0.7])  # row 1 of block 0: off-diagonals sum to 1.8 > 1
+        t.offdiag[0, 1, :] = torch.tensor([0.5, 9.0, 0.6, 0.7])  # row 1 of block 0: off-diagonals sum to 1.8 > 1
     assert t.dominance_margin() < 0
     assert t.restore_dominance(target=0.05) == 1
     assert t.dominance_margin() == pytest.approx(0.05, abs=1e-5)
@@ -119,3 +119,18 @@ def test_gradual_mask_band_and_single_epoch():
     assert band_width(0, 1, 9) == 9  # the reference divides by zero here
     m = gradual_mask(4, 2, 0.1)
     assert torch.equal(m, torch.tensor([[1, .1, 0, 0], [.1, 1, .1, 0], [0, .1, 1, .1], [0, 0, .1, 1]]))
+
+
+def test_transform_is_relative_and_positive():
+    """Scales are learnt as logarithms (a step is the same relative change for every channel, never below 0),
+    and the matrix is diag(s) (I + M ⊙ B), so its rows stay dominant while sum |M B| < 1 whatever s is."""
+    t = PairTransform(torch.tensor([1e-3, 1.0, 50.0, 2.0]), block=2, use_matrix=True, sf=0.5)
+    t.set_epoch(1, 2)
+    with torch.no_grad():
+        t.offdiag.fill_(1.5)  # masked: 0.5 * 1.5 = 0.75 < 1
+    eff = t.effective()
+    torch.testing.assert_close(eff[0], torch.tensor([[1e-3, 0.75e-3], [0.75, 1.0]]))
+    assert t.dominance_margin() == pytest.approx(0.25)
+    with torch.no_grad():
+        t.log_scale.sub_(100.0)  # a huge step down still leaves positive scales
+    assert (t.diag() > 0).all()

@@ -21,12 +21,10 @@ def randomise(calib: BlockCalibration, gen: torch.Generator) -> None:
     with torch.no_grad():
         for t in calib.transforms.values():
             t.set_epoch(4, 5)  # the last epoch: the mask's band is fully open
-            if t.scale is not None:
-                t.scale.mul_(torch.rand(t.scale.shape, generator=gen) * 1.5 + 0.5)
-            else:
-                n, b, _ = t.matrix.shape
-                off = (torch.rand(n, b, b, generator=gen) - 0.5) * 2 / b
-                t.matrix.add_(off * t.matrix.diagonal(dim1=-2, dim2=-1).abs().unsqueeze(-1))
+            t.log_scale.add_((torch.rand(t.log_scale.shape, generator=gen) * 1.5 + 0.5).log())
+            if t.offdiag is not None:
+                n, b, _ = t.offdiag.shape
+                t.offdiag.add_((torch.rand(n, b, b, generator=gen) - 0.5) * 2 / b)
             if t.shift is not None:
                 t.shift.add_(torch.randn(t.shift.shape, generator=gen))
             assert t.dominance_margin() > 0

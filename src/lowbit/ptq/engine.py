@@ -23,6 +23,7 @@ from lowbit.models.loading import LoadedModel
 from lowbit.ptq.block import BlockCalibration, TransformPlan
 from lowbit.ptq.capture import capture_block_inputs
 from lowbit.ptq.checkpoint import BlockCheckpoints
+from lowbit.ptq.step import CalibStep
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,9 @@ class CalibOptions:
     weight_decay: float = 0.0
     aug_loss: bool = False
     device: str = "cpu"
-    amp: bool = True  # bf16 autocast for the block's matmuls on CUDA (quantizer arithmetic stays float32)
+    amp: bool = False  # bf16 autocast for the block's matmuls on CUDA; off: SmolLM2's 26,000-sized activations
+    cuda_graph: bool = True  # replay each step from a CUDA graph on GPUs (see ptq/step.py)
+    tf32: bool = True  # float32 matmuls on TF32 tensor cores while calibrating (restored afterwards)
     max_retries: int = 3
     checkpoint_dir: str | None = None
     progress: bool = True
@@ -92,26 +95,25 @@ def _optimise(calib: BlockCalibration, q_in, targets, aug_targets, kwargs, opts:
     generator = torch.Generator().manual_seed(seed)
     n, batch = q_in.shape[0], opts.batch_size
     amp = opts.amp and q_in.device.type == "cuda"
-    epoch, retries = 0, 0
+
+    def loss_fn(x, target, aug):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = calib(x, kwargs)
+        loss = block_loss(out, target)
+        return loss if aug is None else loss + block_loss(out, aug)
+
+    def new_step() -> CalibStep:  # one optimiser per block, as the reference; a new one only on a retry
+        return CalibStep(groups, lrs, loss_fn, opts.weight_decay, q_in.device, graph=opts.cuda_graph)
+
+    step, epoch, retries = new_step(), 0, 0
     while epoch < opts.epochs:
-        optimiser = torch.optim.AdamW(
-            [{"params": p, "lr": lrs[k]} for k, p in groups.items() if p], weight_decay=opts.weight_decay
-        )
         calib.set_epoch(epoch, opts.epochs)
         good = {k: v.detach().clone() for k, v in calib.state_dict().items()}
-        total = torch.zeros((), device=q_in.device)
+        step.reset_total()
         for idx in torch.randperm(n, generator=generator).split(batch):
             idx = idx.to(q_in.device)
-            with torch.autocast(q_in.device.type, dtype=torch.bfloat16, enabled=amp):
-                out = calib(q_in[idx], kwargs)
-            loss = block_loss(out, targets[idx])
-            if aug_targets is not None:
-                loss = loss + block_loss(out, aug_targets[idx])
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += loss.detach()
-        mean = float(total) / math.ceil(n / batch)  # the one host sync of the epoch
+            step(q_in[idx], targets[idx], None if aug_targets is None else aug_targets[idx])
+        mean = float(step.total) / step.steps  # the one host sync of the epoch
         if not math.isfinite(mean):
             calib.load_state_dict(good)
             retries += 1
@@ -122,6 +124,7 @@ def _optimise(calib: BlockCalibration, q_in, targets, aug_targets, kwargs, opts:
             lrs = {k: v / 2 for k, v in lrs.items()}
             log.warning("block %d epoch %d: non-finite loss; rolled back and retrying with learning rates %s",
                         entry.block, epoch, lrs)
+            step = new_step()
             continue
         repaired = sum(t.restore_dominance() for t in calib.transforms.values())
         if repaired:
@@ -137,6 +140,16 @@ def _optimise(calib: BlockCalibration, q_in, targets, aug_targets, kwargs, opts:
 def calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, opts: CalibOptions,
               windows: torch.Tensor) -> list[BlockLog]:
     """Quantize ``loaded.model`` in place, block by block; returns the per-block log."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if opts.tf32 else "highest")
+    try:
+        return _calibrate(loaded, config, plan, opts, windows)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, opts: CalibOptions,
+               windows: torch.Tensor) -> list[BlockLog]:
     model, adapter = loaded.model, loaded.adapter
     device = torch.device(opts.device)
     model_dtype = next(model.parameters()).dtype
@@ -144,7 +157,7 @@ def calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, opt
     heads = adapter.heads(model.config)
     blocks = adapter.blocks(model)
     ckpt = BlockCheckpoints(opts.checkpoint_dir, {"config": config.to_dict(), "plan": asdict(plan), "options": {
-        k: v for k, v in asdict(opts).items() if k not in ("checkpoint_dir", "progress", "device")}})
+        k: v for k, v in asdict(opts).items() if k not in ("checkpoint_dir", "progress", "device", "cuda_graph", "tf32")}})
     fp_in, kwargs = capture_block_inputs(model, adapter, windows, device)
     kwargs = _to(kwargs, device, torch.float32)
     q_in = fp_in.clone()

@@ -1,0 +1,48 @@
+"""CUDA-graph calibration steps follow the eager trajectory (GPU only; skipped without CUDA)."""
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from lowbit import QuantConfig
+from lowbit.data.texts import calibration_windows
+from lowbit.models.loading import LoadedModel
+from lowbit.models.registry import adapter_for
+from lowbit.ptq.engine import CalibOptions, calibrate
+from lowbit.ptq.recipes import plan_for
+from lowbit.ptq.step import CalibStep
+
+pytestmark = pytest.mark.gpu
+
+
+def test_graphed_step_equals_eager_step():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 64, device="cuda")
+    data = [(torch.randn(8, 64, device="cuda"), torch.randn(8, 64, device="cuda")) for _ in range(5)]
+    results = []
+    for graph in (False, True):
+        weight = torch.nn.Parameter(layer.weight.detach().clone())
+        loss_fn = lambda x, t, aug: torch.nn.functional.mse_loss(torch.nn.functional.linear(x, weight), t)
+        step = CalibStep({"let": [weight]}, {"let": 1e-2}, loss_fn, 0.0, torch.device("cuda"), graph=graph)
+        for x, t in data:
+            step(x, t, None)
+        assert (step._graph is not None) == graph
+        results.append((weight.detach().clone(), float(step.total)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["omniquant", "affinequant"])
+def test_graphed_calibration_matches_eager(method, tiny_tokenizer):
+    config = QuantConfig(method=method, wbits=4, abits=4, nsamples=4, seqlen=32, epochs=3, seed=1)
+    outs = []
+    for graph in (False, True):
+        model = make_tiny_model("llama")
+        loaded = LoadedModel(model, tiny_tokenizer, adapter_for("llama"), "llama")
+        windows = calibration_windows(tiny_tokenizer, config.calib_data, config.nsamples, config.seqlen, config.seed)
+        opts = CalibOptions(epochs=3, device="cuda", cuda_graph=graph, progress=False)
+        logs = calibrate(loaded, config, plan_for(config), opts, windows)
+        with torch.no_grad():
+            outs.append((model(windows[:1]).logits, [e.loss_after for e in logs]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-3, atol=1e-3)
+    assert outs[0][1] == pytest.approx(outs[1][1], rel=1e-3)
