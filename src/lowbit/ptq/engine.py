@@ -181,7 +181,8 @@ def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, op
             entry.online_ops = calib.merge()
         q_out = _run(lambda x: block(x, **kwargs), q_in, batch)
         entry.loss_after = float(block_loss(q_out, fp_out))
-        entry.seconds = time.perf_counter() - start
+        if saved is None:  # a restored block keeps the time it took when it was calibrated
+            entry.seconds = time.perf_counter() - start
         if saved is None:
             ckpt.save(b, block, entry)
         logs.append(entry)
