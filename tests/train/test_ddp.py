@@ -1,4 +1,4 @@
-"""DDP with two CPU processes on gloo: first-batch init synchronised, gradients all-reduced and correct."""
+"""DDP and FSDP2 with two CPU processes on gloo: first-batch init synchronised, gradients reduced and correct."""
 
 import os
 
@@ -61,7 +61,11 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert all(r["steps_equal_sync_True"] for r in ranks)
     assert not any(r["steps_equal_sync_False"] for r in ranks)  # the control: without sync they differ
 
-    # Reference in this process: each shard's gradient from an identically seeded model, averaged
+    _check_against_shard_average(ranks[0]["grads"], ranks[1]["grads"])
+
+
+def _reference_grads() -> list[dict]:
+    """Each shard's gradient from an identically seeded model in this process."""
     ids = _batch()
     ref = []
     for rank in range(WORLD):
@@ -71,7 +75,11 @@ def test_ddp_two_processes_gloo(tmp_path):
         shard = ids[rank * 2 : rank * 2 + 2]
         model(shard, labels=shard).loss.backward()
         ref.append(_grads(model))
-    g0, g1 = ranks[0]["grads"], ranks[1]["grads"]
+    return ref
+
+
+def _check_against_shard_average(g0: dict, g1: dict) -> None:
+    ref = _reference_grads()
     assert g0.keys() == ref[0].keys() and len(g0) > 10
     differ = 0
     for name in g0:
@@ -80,3 +88,34 @@ def test_ddp_two_processes_gloo(tmp_path):
         assert torch.allclose(g0[name], mean, atol=1e-6, rtol=1e-4), name
         differ += not torch.allclose(ref[0][name], ref[1][name])
     assert differ > 10  # the shards really had different gradients
+
+
+def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        ids = _batch()
+        model = convert(make_tiny_model("llama").train(), CONFIG)
+        with torch.no_grad():
+            model(ids)  # the same init batch on every rank
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        shard = ids[rank * 2 : rank * 2 + 2]
+        model(shard, labels=shard).loss.backward()
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+        torch.save(grads, os.path.join(out_dir, f"fsdp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_gloo(tmp_path):
+    """fully_shard over every block and the root (the LSQ steps are one-element tensors, as FSDP2 requires)."""
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    g0, g1 = (torch.load(tmp_path / f"fsdp{r}.pt") for r in range(WORLD))
+    _check_against_shard_average(g0, g1)

@@ -76,6 +76,7 @@ class _QuantLinearFn(torch.autograd.Function):
             if bias is not None:
                 y = y + bias.float()
         ctx.state = state
+        ctx.step_shapes = (None if act_step is None else act_step.shape, weight_step.shape)
         ctx.meta = (x.dtype, weight.dtype, bias is not None, act_step is not None)
         # Integer operands kept as int8 (what a kernel would keep); v = x/step only where an LSQ step is learned.
         ctx.save_for_backward(qx.q.to(torch.int8), qx.step, qx.v if qx.v is not None else torch.empty(0),
@@ -103,9 +104,9 @@ class _QuantLinearFn(torch.autograd.Function):
             if gwh is not None:
                 gwh_w, grad_sw = lsq_backward(gwh, qw, cfg.qmin, cfg.qmax)
                 grad_w = rot.inverse(gwh_w).to(w_dtype)
-                grad_sw = grad_sw.reshape(qw.step.shape if qw.step.dim() == 0 else (-1,))
+                grad_sw = grad_sw.reshape(ctx.step_shapes[1])
             grad_b = g.sum(0) if has_bias and ctx.needs_input_grad[2] else None
-        grad_sx = grad_sx.reshape(()) if grad_sx is not None and need_sx else None
+        grad_sx = grad_sx.reshape(ctx.step_shapes[0]) if grad_sx is not None and need_sx else None
         return grad_x, grad_w, grad_b, grad_sx, grad_sw, None
 
 
@@ -159,8 +160,9 @@ class QuantTrainLinear(nn.Module):
         else:
             self.signs = None
         dev = linear.weight.device
-        self.act_step = nn.Parameter(torch.ones((), device=dev)) if config.act_granularity == "tensor" else None
-        w_shape = (self.out_features,) if config.weight_granularity == "channel" else ()
+        # one-element, not 0-dim: FSDP2 (fully_shard) refuses scalar parameters
+        self.act_step = nn.Parameter(torch.ones(1, device=dev)) if config.act_granularity == "tensor" else None
+        w_shape = (self.out_features,) if config.weight_granularity == "channel" else (1,)
         self.weight_step = nn.Parameter(torch.ones(w_shape, device=dev))
         self._state = _LayerState(config, self._rotation(), seed=layer_seed(config.seed, index))
 
@@ -184,7 +186,7 @@ class QuantTrainLinear(nn.Module):
             self._block = int(self.block)
         rot = self._rotation()
         wh = rot.apply(self.weight.float())
-        self.weight_step.copy_(lsq_init(wh, cfg.qmax, dim=-1 if self.weight_step.dim() else None))
+        self.weight_step.copy_(lsq_init(wh, cfg.qmax, dim=-1 if cfg.weight_granularity == "channel" else None))
         if self.act_step is not None:
             self.act_step.copy_(_sync_mean(lsq_init(rot.apply(x), cfg.qmax), cfg.sync_init))
         self.act_numel.fill_(float(x.numel()))
