@@ -20,14 +20,6 @@ from lowbit.train.sampling import bit_split
 DRAWS = 300
 
 
-def problem(seed=3, n=48, c=32, k=64):
-    g = torch.Generator().manual_seed(seed)
-    grad = torch.randn(n, c, generator=g) * torch.logspace(-2, 0, n).reshape(-1, 1)  # heavy-tailed rows
-    qw = torch.randint(-8, 8, (c, k), generator=g).float()
-    qx = torch.randint(-8, 8, (n, k), generator=g).float() * (torch.rand(n, 1, generator=g) < 0.8)
-    return grad, qw, qx
-
-
 def relative_variance(estimator, grad, operand, exact, ratio, seed=4) -> float:
     gen = torch.Generator().manual_seed(seed)
     draws = []
@@ -39,7 +31,7 @@ def relative_variance(estimator, grad, operand, exact, ratio, seed=4) -> float:
 
 
 def main() -> None:
-    grad, qw, qx = problem()
+    grad, qw, qx = bwd.heavy_tailed_problem(3)
     split_err = float((bit_split(grad, torch.Generator().manual_seed(1)).dequantize() - grad).abs().max() / grad.abs().max())
     rows, table = [{"name": "bit_split_max_error_over_max_abs", "value": split_err, "bound": 1 / 98}], []
     table.append(f"| bit split: max error / max abs(g) | {split_err:.5f} (bound {1 / 98:.5f}) | |")

@@ -25,14 +25,6 @@ def z_statistic(draws: torch.Tensor, exact: torch.Tensor) -> float:
     return float(((mean - exact) ** 2).sum() / var.sum())
 
 
-def _problem(seed=0, n=48, c=32, k=64):
-    g = torch.Generator().manual_seed(seed)
-    grad = torch.randn(n, c, generator=g) * torch.logspace(-2, 0, n).reshape(-1, 1)  # heavy-tailed rows
-    qw = torch.randint(-8, 8, (c, k), generator=g).float()
-    qx = torch.randint(-8, 8, (n, k), generator=g).float() * (torch.rand(n, 1, generator=g) < 0.8)
-    return grad, qw, qx
-
-
 def _draw(estimator, grad, operand, ratio, seed):
     """DRAWS independent estimates of one product from fresh bit splits and samples."""
     gen = torch.Generator().manual_seed(seed)
@@ -59,7 +51,7 @@ def _without_reweighting(scores, ratio, generator):
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5, 0.25])
 def test_grad_input_is_unbiased(ratio, monkeypatch):
-    grad, qw, _ = _problem()
+    grad, qw, _ = bwd.heavy_tailed_problem(0)
     exact = grad @ qw
     assert z_statistic(_draw_input(grad, qw, ratio, 1), exact) < BOUND
     if ratio < 1:
@@ -69,7 +61,7 @@ def test_grad_input_is_unbiased(ratio, monkeypatch):
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5])
 def test_grad_weight_is_unbiased(ratio, monkeypatch):
-    grad, _, qx = _problem(seed=1)
+    grad, _, qx = bwd.heavy_tailed_problem(1)
     exact = grad.T @ qx
     calls = []
     real_sq = bwd.stochastic_quantize
@@ -89,7 +81,7 @@ def relative_variance(draws, exact):
 
 def test_leverage_scores_beat_uniform_sampling(monkeypatch):
     """At the same expected row budget, water-filled leverage scores give less variance than uniform keep."""
-    grad, qw, qx = _problem(seed=3)
+    grad, qw, qx = bwd.heavy_tailed_problem(3)
     lss_in = relative_variance(_draw_input(grad, qw, 0.5, 4), grad @ qw)
     lss_w = relative_variance(_draw_weight(grad, qx, 0.5, 4), grad.T @ qx)
     monkeypatch.setattr("lowbit.train.sampling.waterfill", lambda s, m: torch.full_like(s, m / s.numel()))

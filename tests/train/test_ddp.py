@@ -1,6 +1,7 @@
 """DDP and FSDP2 with two CPU processes on gloo: first-batch init synchronised, gradients reduced and correct."""
 
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -26,10 +27,18 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+@contextmanager
+def _gloo_group(rank: int, init_file: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    with _gloo_group(rank, init_file):
         ids = _batch()
         shard = ids[rank * 2 : rank * 2 + 2]
         result = {}
@@ -50,8 +59,6 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         loss.backward()
         result["grads"] = _grads(model)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -94,9 +101,7 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with _gloo_group(rank, init_file):
         ids = _batch()
         model = convert(make_tiny_model("llama").train(), CONFIG)
         with torch.no_grad():
@@ -109,8 +114,6 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
         model(shard, labels=shard).loss.backward()
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
         torch.save(grads, os.path.join(out_dir, f"fsdp{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

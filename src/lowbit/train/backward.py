@@ -92,3 +92,13 @@ def int8_grads(
         qg = q_in if g_w is None else stochastic_quantize(g_w, 8, generator)
         gw = (int_matmul(qg.q.T.contiguous(), qx.T.contiguous(), bits_a=8, bits_b=bits) / qg.scale).float()
     return gi, gw
+
+
+def heavy_tailed_problem(seed: int, n: int = 48, c: int = 32, k: int = 64):
+    """A seeded ``(grad, qw, qx)`` with rows spanning two decades and 20% zero input rows: where leverage-score
+    sampling matters. The numerics tests and ``benchmarks/train_numerics.py`` measure on it."""
+    g = torch.Generator().manual_seed(seed)
+    grad = torch.randn(n, c, generator=g) * torch.logspace(-2, 0, n).reshape(-1, 1)
+    qw = torch.randint(-8, 8, (c, k), generator=g).float()
+    qx = torch.randint(-8, 8, (n, k), generator=g).float() * (torch.rand(n, 1, generator=g) < 0.8)
+    return grad, qw, qx
