@@ -134,3 +134,9 @@ def test_transform_is_relative_and_positive():
     with torch.no_grad():
         t.log_scale.sub_(100.0)  # a huge step down still leaves positive scales
     assert (t.diag() > 0).all()
+
+
+def test_smoothquant_never_learns(tiny_tokenizer):
+    loaded = tiny_loaded("llama", tiny_tokenizer)
+    quantize(loaded, config("smoothquant", epochs=3), progress=False)
+    assert all(e.epoch_losses == [] for e in loaded.calibration_log)

@@ -26,9 +26,10 @@ def plan_for(config: QuantConfig) -> TransformPlan:
 
 
 def default_epochs(config: QuantConfig) -> int:
-    """The papers' recipe: 20 epochs, 40 at 2 bits; SmoothQuant learns nothing."""
-    if config.epochs is not None:
-        return config.epochs
+    """The papers' recipe: 20 epochs, 40 at 2 bits; SmoothQuant learns nothing, whatever ``epochs`` says
+    (otherwise it would quietly become learnt scales without clipping, which is not SmoothQuant)."""
     if config.method == "smoothquant":
         return 0
+    if config.epochs is not None:
+        return config.epochs
     return 40 if config.wbits <= 2 else 20
