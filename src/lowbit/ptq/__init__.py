@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 
 
 def quantize(loaded: LoadedModel, config: QuantConfig, device: str | None = None, checkpoint_dir: str | None = None,
-             progress: bool = True) -> LoadedModel:
+             progress: bool = True, tf32: bool = True) -> LoadedModel:
     """Quantize ``loaded.model`` in place with ``config.method``; returns ``loaded`` (the calibration log, if
-    any, is in ``loaded.calibration_log``)."""
+    any, is in ``loaded.calibration_log``). ``tf32=False`` keeps calibration matmuls in full float32 and leaves the
+    process-wide matmul precision untouched, which callers running several calibrations in threads need."""
     if config.method == "rtn":
         quantize_rtn(loaded, config)
         return loaded
@@ -34,7 +35,7 @@ def quantize(loaded: LoadedModel, config: QuantConfig, device: str | None = None
     windows = calibration_windows(loaded.tokenizer, config.calib_data, config.nsamples, config.seqlen, config.seed)
     options = CalibOptions(epochs=default_epochs(config), batch_size=config.batch_size, let_lr=config.let_lr,
                            lwc_lr=config.lwc_lr, aug_loss=config.aug_loss, device=device,
-                           checkpoint_dir=checkpoint_dir, progress=progress)
+                           checkpoint_dir=checkpoint_dir, progress=progress, tf32=tf32)
     loaded.calibration_log = calibrate(loaded, config, plan_for(config), options, windows)
     return loaded
 

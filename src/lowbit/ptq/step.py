@@ -78,7 +78,8 @@ class CalibStep:
             self._undo_warmup(snapshot)
             graph = torch.cuda.CUDAGraph()
             self.optimiser.zero_grad(set_to_none=True)
-            with torch.cuda.graph(graph):
+            # thread_local: other threads calibrating other configs on their own streams may allocate meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 loss = self.loss_fn(sx, st, sa)
                 loss.backward()
                 self.optimiser.step()
