@@ -78,19 +78,31 @@ class CalibStep:
             self._undo_warmup(snapshot)
             graph = torch.cuda.CUDAGraph()
             self.optimiser.zero_grad(set_to_none=True)
-            # thread_local: other threads calibrating other configs on their own streams may allocate meanwhile
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._record(graph, sx, st, sa)
+            self._graph = graph
+        except RuntimeError as err:  # an op that cannot be captured: run eagerly, slower but the same maths
+            log.warning("CUDA graph capture failed (%s); calibrating eagerly", str(err).splitlines()[0])
+            torch.cuda.current_stream().synchronize()
+            self._failed, self._graph = True, None
+            self._undo_warmup(snapshot)
+            self.optimiser.zero_grad(set_to_none=True)
+
+    def _record(self, graph: torch.cuda.CUDAGraph, sx, st, sa) -> None:
+        """Capture one step on a stream of our own, without the device-wide synchronisation ``torch.cuda.graph``
+        does: other threads may be calibrating other configs meanwhile, and a device sync (or a shared capture
+        stream) would collide with their captures. ``thread_local`` lets those threads allocate meanwhile."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
                 loss = self.loss_fn(sx, st, sa)
                 loss.backward()
                 self.optimiser.step()
                 self.total += loss.detach()
-            self._graph = graph
-        except RuntimeError as err:  # an op that cannot be captured: run eagerly, slower but the same maths
-            log.warning("CUDA graph capture failed (%s); calibrating eagerly", str(err).splitlines()[0])
-            torch.cuda.synchronize()
-            self._failed, self._graph = True, None
-            self._undo_warmup(snapshot)
-            self.optimiser.zero_grad(set_to_none=True)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
 
     @torch.no_grad()
     def _undo_warmup(self, snapshot: list[torch.Tensor]) -> None:
