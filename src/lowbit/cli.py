@@ -45,11 +45,53 @@ def _add_eval_args(p: argparse.ArgumentParser, default_tasks: str | None) -> Non
         p.add_argument("--tasks", type=_tasks, default=_tasks(default_tasks), help=f"{tasks_help} (default {default_tasks})")
 
 
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes are comma-separated integers, e.g. 1,16; got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def _add_inference_parsers(sub) -> None:
+    g = sub.add_parser("generate", help="generate text from a prompt, streamed token by token (KV cache)")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default), >0 to sample")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling draws (default 0)")
+
+    b = sub.add_parser("bench", help="prefill / decode tokens/s and memory, quantized against fp16, in one run")
+    _add_model_args(b)
+    b.add_argument("--random-llama7b", action="store_true",
+                   help="instead of --model: a random-weight LLaMA-7B-shaped model, packed to W4A16 by RTN")
+    b.add_argument("--layers", type=int, default=None, help="with --random-llama7b: blocks to build (default 32)")
+    b.add_argument("--wbits", type=int, default=4, help="bits of the RTN packing of float models (default 4)")
+    b.add_argument("--group-size", type=int, default=128, help="group size of the RTN packing (default 128)")
+    b.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per sequence (default 512)")
+    b.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded per timed run (default 128)")
+    b.add_argument("--batch-sizes", type=_batch_sizes, default=(1, 16), help="comma-separated (default 1,16)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (default 2)")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported (default 5)")
+    b.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA too (dynamic KV cache)")
+    b.add_argument("--json", type=Path, default=None, help="write the rows as JSON to this file")
+
+    x = sub.add_parser("export", help="write a quantized model in a format other tools load")
+    x.add_argument("--model", required=True, help="a directory written by lowbit quantize (fake or packed)")
+    x.add_argument("--format", required=True, choices=("lowbit", "gptq", "compressed-tensors"),
+                   help="lowbit: packed checkpoint (any config); gptq / compressed-tensors: W4A16 only")
+    x.add_argument("--output", type=Path, required=True, help="directory to write")
+    x.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
     from lowbit.config import METHODS
 
-    parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit transformers: quantize, evaluate.")
+    parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit transformers: quantize, evaluate, run, export.")
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,11 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--compare-rtn", action="store_true", help="with --eval: also evaluate RTN at the same bits, side by side")
     q.add_argument("--output", type=Path, required=True, help="directory to write the quantized model to")
     q.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    q.add_argument("--format", default="fake", choices=("fake", "packed"),
+                   help="fake: rounded weights stored dequantized (any HF tool loads them); packed: real integers "
+                        "(lowbit.load_quantized runs them with the low-bit kernels) (default fake)")
     _add_eval_args(q, default_tasks=None)
 
     e = sub.add_parser("eval", help="evaluate a model: perplexity and zero-shot accuracy")
     _add_model_args(e)
     _add_eval_args(e, default_tasks="wikitext2")
+
+    _add_inference_parsers(sub)
 
     from lowbit.train.cli import add_train_parser
 
@@ -122,6 +169,9 @@ def _run_quantize(args) -> int:
                          alpha=args.alpha, sf=args.sf, aug_loss=args.aug_loss, norm_matrices=args.norm_matrices)
     if args.output.exists() and not args.overwrite:
         raise LowbitError(f"output {args.output} already exists; choose another --output or pass --overwrite")
+    if args.format == "packed" and config.weight_spec is None:
+        raise LowbitError(f"--format packed stores integer weights, but {config.name} keeps weights in floating "
+                          "point; use --format fake or set --wbits")
     check_tasks(args.tasks)
     device = _device(args.device)
     options = _eval_options(args, device)
@@ -147,8 +197,13 @@ def _run_quantize(args) -> int:
     if args.tasks:
         columns.append(f"{config.method} {config.name}")
         rows += eval_and_record(loaded, args.tasks, options, columns[-1], config)
-    out = save_quantized(loaded, config, args.output, overwrite=args.overwrite)
-    print(f"saved {config.method} {config.name} model to {out}")
+    if args.format == "packed":
+        from lowbit.export import save_packed
+
+        out = save_packed(loaded, config, args.output, overwrite=args.overwrite)
+    else:
+        out = save_quantized(loaded, config, args.output, overwrite=args.overwrite)
+    print(f"saved {config.method} {config.name} model{' (packed)' if args.format == 'packed' else ''} to {out}")
     if config.method != "rtn" and checkpoint_dir.exists():
         import shutil
 
@@ -176,6 +231,63 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _run_generate(args) -> int:
+    from lowbit.generate import GenerateOptions, generate, load_for_inference
+
+    options = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)
+    device = _device(args.device)
+    loaded = load_for_inference(args.model, device=device, dtype=args.dtype)
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = generate(loaded.model, loaded.tokenizer, args.prompt, options, on_text=write)
+    if result.text:
+        write("\n")
+    log.info("%d prompt tokens, %d new tokens; prefill %.3f s, decode %.1f tokens/s", result.prompt_tokens,
+             len(result.token_ids), result.prefill_seconds, result.decode_tokens_per_second)
+    return 0
+
+
+def _run_bench(args) -> int:
+    from lowbit.bench import BenchOptions, compare_with_fp16, print_results, write_results
+
+    if args.random_llama7b == (args.model is not None):
+        raise LowbitError("pass exactly one of --model DIR and --random-llama7b")
+    if args.layers is not None and (not args.random_llama7b or args.layers < 1):
+        raise LowbitError("--layers is a positive number of blocks, and only applies with --random-llama7b")
+    options = BenchOptions(prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, batch_sizes=args.batch_sizes,
+                           warmup=args.warmup, repeats=args.repeats, cuda_graph=not args.no_cuda_graph)
+    device = _device(args.device)
+    layers = (args.layers or 32) if args.random_llama7b else None
+    results = compare_with_fp16(args.model, options, device, args.dtype, random_layers=layers, wbits=args.wbits,
+                                group_size=args.group_size)
+    print_results(results)
+    if args.json:
+        write_results(results, options, args.json)
+    return 0
+
+
+def _run_export(args) -> int:
+    from lowbit.export import save_packed
+    from lowbit.export.compressed_tensors import save_compressed_tensors
+    from lowbit.export.gptq import load_result, save_gptq
+    from lowbit.generate import is_packed_dir
+
+    if args.output.exists() and not args.overwrite:
+        raise LowbitError(f"output {args.output} already exists; choose another --output or pass --overwrite")
+    if is_packed_dir(Path(args.model)) and args.format == "lowbit":
+        raise LowbitError(f"{args.model} is already a lowbit packed checkpoint; copy it, or choose --format gptq "
+                          "or compressed-tensors")
+    loaded = load_result(args.model)
+    writer = {"lowbit": save_packed, "gptq": save_gptq, "compressed-tensors": save_compressed_tensors}[args.format]
+    out = writer(loaded, loaded.quant_config, args.output, overwrite=args.overwrite)
+    print(f"exported {loaded.quant_config.method} {loaded.quant_config.name} as {args.format} to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
@@ -188,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             transformers.utils.logging.disable_progress_bar()
         from lowbit.train.cli import run_train
 
-        handler = {"quantize": _run_quantize, "eval": _run_eval, "train": run_train}[args.command]
+        handler = {"quantize": _run_quantize, "eval": _run_eval, "train": run_train, "generate": _run_generate,
+                   "bench": _run_bench, "export": _run_export}[args.command]
         return handler(args)
     except LowbitError as err:
         print(f"lowbit: error: {err}", file=sys.stderr)

@@ -87,7 +87,8 @@ def _mse(calib: BlockCalibration, inputs, targets, kwargs, batch) -> float:
     return float(total) / inputs.shape[0]
 
 
-def _optimise(calib: BlockCalibration, q_in, targets, aug_targets, kwargs, opts: CalibOptions, seed: int, entry: BlockLog, bar):
+def _optimise(calib: BlockCalibration, q_in, targets, aug_targets, kwargs, opts: CalibOptions, seed: int, entry: BlockLog,
+              bar, capture_stream: torch.cuda.Stream | None = None):
     groups = calib.learnable()
     if not any(groups.values()) or opts.epochs == 0:
         return
@@ -103,7 +104,8 @@ def _optimise(calib: BlockCalibration, q_in, targets, aug_targets, kwargs, opts:
         return loss if aug is None else loss + block_loss(out, aug)
 
     def new_step() -> CalibStep:  # one optimiser per block, as the reference; a new one only on a retry
-        return CalibStep(groups, lrs, loss_fn, opts.weight_decay, q_in.device, graph=opts.cuda_graph)
+        return CalibStep(groups, lrs, loss_fn, opts.weight_decay, q_in.device, graph=opts.cuda_graph,
+                         capture_stream=capture_stream)
 
     step, epoch, retries = new_step(), 0, 0
     while epoch < opts.epochs:
@@ -162,6 +164,9 @@ def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, op
     kwargs = _to(kwargs, device, torch.float32)
     q_in = fp_in.clone()
     batch = opts.batch_size
+    # One capture stream for the whole run: the caching allocator keeps freed memory per stream, so a new stream
+    # per block would strand each block's graph memory (30+ GiB by block 20 with four runs sharing a GPU).
+    capture_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     logs: list[BlockLog] = []
     bar = tqdm(range(len(blocks)), desc=f"{config.method} {config.name}", unit="block", disable=not opts.progress)
     for b in bar:
@@ -176,7 +181,8 @@ def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, op
             aug = _run(lambda x: block(x, **kwargs), q_in, batch) if opts.aug_loss else None
             calib.init_transforms(fp_in, kwargs, batch)
             entry = BlockLog(b, _mse(calib, q_in, fp_out, kwargs, batch), float("nan"))
-            _optimise(calib, q_in, fp_out, aug, kwargs, opts, seed=config.seed * 1000 + b, entry=entry, bar=bar)
+            _optimise(calib, q_in, fp_out, aug, kwargs, opts, seed=config.seed * 1000 + b, entry=entry, bar=bar,
+                      capture_stream=capture_stream)
             entry.dominance_margin = calib.dominance_margin()
             entry.online_ops = calib.merge()
         q_out = _run(lambda x: block(x, **kwargs), q_in, batch)

@@ -25,7 +25,8 @@ class CalibStep:
 
     def __init__(self, params: dict[str, list[torch.nn.Parameter]], lrs: dict[str, float],
                  loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
-                 weight_decay: float, device: torch.device, graph: bool) -> None:
+                 weight_decay: float, device: torch.device, graph: bool,
+                 capture_stream: torch.cuda.Stream | None = None) -> None:
         self.params = [p for ps in params.values() for p in ps]
         self.graph_wanted = graph and device.type == "cuda"
         self.optimiser = torch.optim.AdamW([{"params": p, "lr": lrs[k]} for k, p in params.items() if p],
@@ -36,6 +37,7 @@ class CalibStep:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: tuple[torch.Tensor, ...] | None = None
         self._failed = False
+        self._stream = capture_stream  # warm-up and capture run here; the engine reuses one per run
 
     def reset_total(self) -> None:
         self.total.zero_()
@@ -67,7 +69,7 @@ class CalibStep:
         self._static = tuple(v.clone() if v is not None else None for v in (x, target, aug))
         sx, st, sa = self._static
         try:
-            side = torch.cuda.Stream()
+            side = self._side_stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_STEPS):
@@ -87,11 +89,16 @@ class CalibStep:
             self._undo_warmup(snapshot)
             self.optimiser.zero_grad(set_to_none=True)
 
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
     def _record(self, graph: torch.cuda.CUDAGraph, sx, st, sa) -> None:
         """Capture one step on a stream of our own, without the device-wide synchronisation ``torch.cuda.graph``
         does: other threads may be calibrating other configs meanwhile, and a device sync (or a shared capture
         stream) would collide with their captures. ``thread_local`` lets those threads allocate meanwhile."""
-        stream = torch.cuda.Stream()
+        stream = self._side_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             graph.capture_begin(capture_error_mode="thread_local")

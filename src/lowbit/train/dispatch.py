@@ -3,8 +3,12 @@
 Every forward, grad-input and grad-weight product of a converted layer goes through here, so the operands
 it receives are exactly what a low-bit kernel would get. Today only the exact reference exists: integers held
 in float32 (exact while every partial sum stays below 2^24) or, when the bound could be exceeded, float64
-(exact below 2^53). GPU kernels (INT4/INT8 tensor-core GEMMs) plug in at ``_kernel_for``; they must match
-``int_matmul_reference`` bit for bit, which is what their tests will check.
+(exact below 2^53). Kernels (``lowbit.kernels.int_gemm``: FP8/INT8 tensor-core GEMMs on CUDA, the Triton INT8
+GEMM under ``TRITON_INTERPRET=1``) plug in at ``_kernel_for`` when ``lowbit.kernels.dispatch.backend_for`` picks
+Triton; they match ``int_matmul_reference`` bit for bit (tests/kernels/test_int_gemm.py).
+
+The operand check (integers, in range) reads values back to the host, so it runs by default only on CPU
+tensors; on CUDA it is opt-in (``check=True``) for debugging, and a training step makes no host sync here.
 """
 
 from __future__ import annotations
@@ -46,24 +50,53 @@ def int_matmul_reference(a: torch.Tensor, b: torch.Tensor, bits_a: int = 4, bits
 
 
 def _kernel_for(a: torch.Tensor, bits_a: int, bits_b: int) -> KernelFn | None:
-    """Where accelerated kernels will be chosen (by device, bits, shape). None: use the reference."""
-    return None
+    """The exact kernel for this product (by backend, bits and K), or None: use the reference."""
+    from lowbit.kernels.dispatch import backend_for
+
+    if backend_for(a) != "triton":
+        return None
+    from lowbit.kernels.int_gemm import has_exact_kernel, int_matmul_kernel
+
+    return int_matmul_kernel if has_exact_kernel(a.shape[1], bits_a, bits_b) else None
+
+
+def _checked(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int, check: bool | None) -> None:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise LowbitError(f"int_matmul needs (M x R) and (N x R) operands, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if check or (check is None and a.device.type == "cpu"):
+        _check_operand(a, bits_a, "a")
+        _check_operand(b, bits_b, "b")
 
 
 def int_matmul(
-    a: torch.Tensor, b: torch.Tensor, *, bits_a: int = 4, bits_b: int = 4, check: bool = True
+    a: torch.Tensor, b: torch.Tensor, *, bits_a: int = 4, bits_b: int = 4, check: bool | None = None
 ) -> torch.Tensor:
     """``a @ b.T`` for integer operands of ``bits_a`` / ``bits_b`` signed bits (values held in any dtype).
 
-    ``check`` verifies that both operands really are integers in range (cheap next to the product), so a
-    caller cannot silently feed unquantized values to what will be an integer kernel.
+    ``check`` verifies that both operands really are integers in range, so a caller cannot silently feed
+    unquantized values to an integer kernel. None (default): on CPU tensors only (no host sync on CUDA);
+    True: always (debugging, costs host syncs on CUDA); False: never.
     """
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
-        raise LowbitError(f"int_matmul needs (M x R) and (N x R) operands, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if check:
-        _check_operand(a, bits_a, "a")
-        _check_operand(b, bits_b, "b")
+    _checked(a, b, bits_a, bits_b, check)
     kernel = _kernel_for(a, bits_a, bits_b)
     if kernel is not None:
         return kernel(a, b, bits_a, bits_b)
     return int_matmul_reference(a, b, bits_a, bits_b)
+
+
+def int_matmul_scaled(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, bits_a: int = 4, bits_b: int = 4,
+    check: bool | None = None,
+) -> torch.Tensor:
+    """float32 ``(a @ b.T) * scale`` (``scale`` one element): the dequantizing scale in the GEMM's epilogue.
+
+    Reference: ``int_matmul_reference(a, b).float() * scale``; the INT8 kernel equals it bit for bit, cuBLAS's
+    FP8 epilogue (``alpha = scale``) to within one float32 rounding.
+    """
+    _checked(a, b, bits_a, bits_b, check)
+    if _kernel_for(a, bits_a, bits_b) is not None:
+        from lowbit.kernels.int_gemm import product_bound, scaled_int_matmul
+
+        if product_bound(a.shape[1], bits_a, bits_b) < FP32_EXACT:
+            return scaled_int_matmul(a, b, scale, bits_a, bits_b)
+    return int_matmul_reference(a, b, bits_a, bits_b).float() * scale.float().reshape(())

@@ -7,7 +7,9 @@ gradient passes straight through inside the range and is zero outside; the step 
 ``sum(g * (round(v) - v))`` inside and ``sum(g * qmin|qmax)`` outside, times ``1/sqrt(numel * qmax)``.
 Per-token activations (an option) use the shared dynamic absmax quantizer (nothing learned, no clipping).
 
-The integer part of that math lives here as plain functions; ``linear.py`` wires them into autograd.
+The integer part of that math lives here as plain functions; ``linear.py`` wires them into autograd. On the
+Triton backend (``lowbit.kernels.dispatch.backend_for``) the rotation and the rotate-then-quantize run as fused
+kernels (``lowbit.kernels.quantize``) that equal these references bit for bit.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from lowbit.kernels.dispatch import backend_for
 from lowbit.quant.hadamard import hadamard_transform, inverse_hadamard_transform
 from lowbit.quant.quantizer import QuantSpec, quantize
 
@@ -29,12 +32,24 @@ class Rotation(NamedTuple):
     pad: int
     signs: torch.Tensor | None
 
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether the fused kernel takes this tensor (2-D float32 on the Triton backend, block up to 256)."""
+        return x.dim() == 2 and x.dtype == torch.float32 and self.block <= 256 and backend_for(x) == "triton"
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused(x):
+            from lowbit.kernels.quantize import hadamard_rotate
+
+            return hadamard_rotate(x, self.block, self.signs, self.pad)
         if self.pad:
             x = F.pad(x, (0, self.pad))
         return hadamard_transform(x, self.block, self.signs) if self.block else x
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        if self.fused(y):
+            from lowbit.kernels.quantize import hadamard_rotate
+
+            return hadamard_rotate(y, self.block, self.signs, self.pad, inverse=True)
         x = inverse_hadamard_transform(y, self.block, self.signs) if self.block else y
         return x[..., : x.shape[-1] - self.pad] if self.pad else x
 
@@ -71,6 +86,23 @@ def dynamic_token_quantize(x: torch.Tensor, bits: int) -> Quantized:
     """Per-row absmax symmetric quantization through the shared quantizer (no clipping, no learned step)."""
     qt = quantize(x, QuantSpec(bits=bits, symmetric=True, granularity="token"))
     return Quantized(qt.q.reshape(x.shape), qt.scale.reshape(-1, 1), None)
+
+
+def rotate_quantize(x: torch.Tensor, rot: Rotation, step: torch.Tensor | None, bits: int,
+                    operand_dtype: torch.dtype = torch.int8) -> Quantized:
+    """``lsq_quantize(rot.apply(x.float()), step)`` (or ``dynamic_token_quantize`` when ``step`` is None).
+
+    On the Triton backend one fused pass that writes ``q`` directly as the GEMM's ``operand_dtype``; otherwise
+    the reference composition (``q`` float32).
+    """
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if x.dim() == 2 and rot.block <= 256 and backend_for(x) == "triton":
+        from lowbit.kernels.quantize import rotate_quantize as fused
+
+        op = fused(x, rot.block, step, qmin, qmax, rot.signs, rot.pad, out_dtype=operand_dtype)
+        return Quantized(op.q, op.step, op.v)
+    xh = rot.apply(x.float())
+    return dynamic_token_quantize(xh, bits) if step is None else lsq_quantize(xh, step, qmin, qmax)
 
 
 def lsq_backward(

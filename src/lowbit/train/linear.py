@@ -24,8 +24,9 @@ from lowbit.errors import LowbitError
 from lowbit.quant.hadamard import random_signs
 from lowbit.train import backward as bwd
 from lowbit.train.config import TrainQuantConfig
-from lowbit.train.dispatch import int_matmul
-from lowbit.train.hq import Quantized, Rotation, dynamic_token_quantize, forward_error, lsq_backward, lsq_init, lsq_quantize
+from lowbit.kernels.int_gemm import operand_dtype
+from lowbit.train.dispatch import int_matmul, int_matmul_scaled
+from lowbit.train.hq import Quantized, Rotation, forward_error, lsq_backward, lsq_init, rotate_quantize
 
 
 def layer_seed(seed: int, index: int) -> int:
@@ -60,6 +61,11 @@ class _LayerState:
         return self.generators[key]
 
 
+def _one_byte(q: torch.Tensor) -> torch.Tensor:
+    """Integer operands are kept in one byte: int8, or the float8 the fused quantizer wrote for the GEMM."""
+    return q if q.element_size() == 1 else q.to(torch.int8)
+
+
 class _QuantLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, act_step, weight_step, state: _LayerState):
@@ -67,20 +73,22 @@ class _QuantLinearFn(torch.autograd.Function):
         device_type = x.device.type
         out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         with torch.autocast(device_type=device_type, enabled=False):
-            xh, wh = rot.apply(x.float()), rot.apply(weight.float())
-            qmin, qmax = cfg.qmin, cfg.qmax
-            qx = dynamic_token_quantize(xh, cfg.bits) if act_step is None else lsq_quantize(xh, act_step, qmin, qmax)
-            qw = lsq_quantize(wh, weight_step, qmin, qmax)
-            acc = int_matmul(qx.q, qw.q, bits_a=cfg.bits, bits_b=cfg.bits).float()
-            y = acc * qx.step * qw.step.reshape(1, -1) if qw.step.dim() else acc * (qx.step * qw.step)
+            operand = operand_dtype(x.device, cfg.bits)  # what the GEMM reads; fused kernels write it directly
+            qx = rotate_quantize(x, rot, act_step, cfg.bits, operand)
+            qw = rotate_quantize(weight, rot, weight_step, cfg.bits, operand)
+            if qx.step.dim() == 0 and qw.step.dim() == 0:  # one scale: applied in the GEMM's epilogue
+                y = int_matmul_scaled(qx.q, qw.q, qx.step * qw.step, bits_a=cfg.bits, bits_b=cfg.bits)
+            else:
+                acc = int_matmul(qx.q, qw.q, bits_a=cfg.bits, bits_b=cfg.bits).float()
+                y = acc * qx.step * qw.step.reshape(1, -1) if qw.step.dim() else acc * (qx.step * qw.step)
             if bias is not None:
                 y = y + bias.float()
         ctx.state = state
         ctx.step_shapes = (None if act_step is None else act_step.shape, weight_step.shape)
         ctx.meta = (x.dtype, weight.dtype, bias is not None, act_step is not None)
         # Integer operands kept as int8 (what a kernel would keep); v = x/step only where an LSQ step is learned.
-        ctx.save_for_backward(qx.q.to(torch.int8), qx.step, qx.v if qx.v is not None else torch.empty(0),
-                              qw.q.to(torch.int8), qw.step, qw.v)
+        ctx.save_for_backward(_one_byte(qx.q), qx.step, qx.v if qx.v is not None else torch.empty(0),
+                              _one_byte(qw.q), qw.step, qw.v)
         return y.to(out_dtype)
 
     @staticmethod

@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from lowbit.kernels.dispatch import backend_for
+
 SPLIT_BASE = 14  # weight of the high part
 SPLIT_RANGE = 98  # = 14 * 7: g * s spans [-98, 98]
 
@@ -30,11 +32,14 @@ def stochastic_round(x: torch.Tensor, generator: torch.Generator | None) -> torc
 
 
 class BitSplit(NamedTuple):
-    """``g ~ (SPLIT_BASE * hi + lo) / scale``: two INT4 matrices (float32 holding integers) and one scale."""
+    """``g ~ (SPLIT_BASE * hi + lo) / scale``: two INT4 matrices (float32 holding integers) and one scale.
+
+    ``rows``: the fused kernel's ``[hi; lo]`` (``hi``/``lo`` are views of it), which ``stacked`` reuses."""
 
     hi: torch.Tensor
     lo: torch.Tensor
     scale: torch.Tensor  # 0-dim float32
+    rows: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         return (SPLIT_BASE * self.hi + self.lo) / self.scale
@@ -42,13 +47,24 @@ class BitSplit(NamedTuple):
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The 2N x C INT4 matrix ``[hi; lo]`` and each row's dequantization weight (14/s or 1/s)."""
         n = self.hi.shape[0]
-        rows = torch.cat([self.hi, self.lo], 0)
-        weight = torch.cat([torch.full((n,), float(SPLIT_BASE)), torch.ones(n)]).to(rows.device) / self.scale
+        rows = self.rows if self.rows is not None else torch.cat([self.hi, self.lo], 0)
+        weight = torch.cat([torch.full((n,), float(SPLIT_BASE), device=rows.device),
+                            torch.ones(n, device=rows.device)]) / self.scale
         return rows, weight
 
 
 def bit_split(g: torch.Tensor, generator: torch.Generator | None) -> BitSplit:
-    """Split a 2-D gradient into high and low INT4 parts (float32 in, exact integers out); see module doc."""
+    """Split a 2-D gradient into high and low INT4 parts (float32 in, exact integers out); see module doc.
+
+    On the Triton backend one fused kernel does it (``lowbit.kernels.bitsplit``), drawing the same uniform noise
+    from ``generator`` as ``stochastic_round`` would, so both paths give identical results."""
+    if g.dim() == 2 and backend_for(g) == "triton":
+        from lowbit.kernels.bitsplit import split_rows
+
+        noise = torch.rand(g.shape, generator=generator, device=g.device, dtype=torch.float32)
+        fused = split_rows(g, noise)
+        n = g.shape[0]
+        return BitSplit(fused.rows[:n], fused.rows[n:], fused.scale, fused.rows)
     g = g.float()
     amax = g.abs().amax() if g.numel() else torch.zeros((), device=g.device)
     scale = torch.where(amax > 0, SPLIT_RANGE / amax.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))

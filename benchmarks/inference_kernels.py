@@ -1,0 +1,224 @@
+"""Inference kernels on LLaMA-7B/8B layer shapes: W4A16 (decode) and W4A4 (prefill) against bf16 cuBLAS.
+
+    PYTHONPATH=$PWD/src python benchmarks/inference_kernels.py           # H100: about 4-6 minutes (autotuning)
+    PYTHONPATH=$PWD/src python benchmarks/inference_kernels.py --quick   # two shapes, M = 1, 16, 2048
+
+Shapes are (N out, K in): 4096x4096 (q/o proj), 11008x4096 and 4096x11008 (LLaMA-7B MLP up/down), 14336x4096
+(LLaMA-3-8B MLP up), for M = 1, 16, 2048, 8192 tokens. Per shape and M, in the same run: bf16 ``F.linear``
+(cuBLAS), torch's int4 tinygemm (``_weight_int4pack_mm``, group 128), ``lowbit.kernels.w4a16_linear`` (group 128),
+and ``lowbit.kernels.wxax_linear`` W4A4 (per-channel weights, per-token asymmetric 4-bit activations quantized
+inside the call), plus its two parts (activation quantization alone, the integer GEMM alone), the same GEMM on
+int8-stored weights, and for M >= 2048 two yardsticks on the same codes without zero points or epilogue: cuBLAS
+``torch._int_mm`` and row-scaled FP8 ``torch._scaled_mm`` (with a check that FP8 returns exact integer sums). Every call is timed inside a CUDA graph (so Python launch cost is not measured, as in a
+graph-captured decode loop), cycling through enough weight copies that they do not fit in the 50 MB L2; CUDA
+events around each graph replay, warm-up (which also runs Triton's autotuning) first, median of >= 20 replays.
+Each method's output is also checked against ``lowbit``'s reference. JSON to benchmarks/results/inference_kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.errors import LowbitError
+from lowbit.report import print_markdown, write_json
+
+RESULTS = Path(__file__).parent / "results"
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
+TOKENS = [1, 16, 2048, 8192]
+ROTATE_BYTES = 256 * 2**20  # weight bytes cycled through per timed batch: five times the H100's L2
+
+
+@dataclass(frozen=True)
+class Config:
+    shapes: tuple[tuple[int, int], ...]
+    tokens: tuple[int, ...]
+    iters: int
+    warmup: int
+    group: int
+    graphs: bool
+    seed: int
+
+
+def parse_args(argv=None) -> tuple[Config, Path]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="shapes 4096x4096 and 11008x4096, M = 1, 16, 2048")
+    p.add_argument("--iters", type=int, default=30, help="timed graph replays per measurement (>= 20)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--group", type=int, default=128, help="W4A16 group size (W4A4 is per-channel)")
+    p.add_argument("--no-graphs", action="store_true", help="time eager calls (includes Python launch cost)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS / "inference_kernels.json")
+    a = p.parse_args(argv)
+    if a.iters < 20:
+        raise LowbitError(f"--iters must be at least 20 (median of >= 20 runs), got {a.iters}")
+    shapes, tokens = (SHAPES[:2], TOKENS[:3]) if a.quick else (SHAPES, TOKENS)
+    return Config(tuple(shapes), tuple(tokens), a.iters, a.warmup, a.group, not a.no_graphs, a.seed), a.out
+
+
+def median_us(calls: list[Callable[[], object]], cfg: Config) -> float:
+    """Median GPU time of one call, in microseconds: the calls run back to back (one graph), timed together."""
+    for _ in range(cfg.warmup):
+        for call in calls:
+            call()
+    torch.cuda.synchronize()
+    if cfg.graphs:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for call in calls:
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for call in calls:
+                call()
+        run = graph.replay
+    else:
+        def run():
+            for call in calls:
+                call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(cfg.iters):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / len(calls))
+    return statistics.median(times)
+
+
+def tinygemm_weight(weight, group: int):
+    """torch's int4 layout of the same weight: w = (q - 8) * scale + zero, scales and zeros (K/G, N, 2) in bf16."""
+    codes = weight.codes().to(torch.int32)
+    packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+    w_int4 = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+    s, z = weight.scales, weight.zeros
+    scale_zero = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return w_int4, scale_zero
+
+
+def cublas_yardsticks(acts, codes: torch.Tensor, scales: torch.Tensor, errors: dict, cfg: Config) -> dict:
+    """``torch._int_mm`` and row-wise scaled FP8 ``torch._scaled_mm`` on the int8 codes; records whether FP8 (with
+    cuBLAS's default accumulation) returns the exact integer sums."""
+    out = {}
+    try:
+        exact = torch._int_mm(acts.codes, codes.t())
+        out["int8_cublas_gemm"] = median_us([lambda: torch._int_mm(acts.codes, codes.t())], cfg)
+        a8, b8 = acts.codes.to(torch.float8_e4m3fn), codes.to(torch.float8_e4m3fn)
+        one = torch.ones((), device="cuda")
+        sums = torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        errors["fp8_cublas_exact_integer_sums"] = bool(torch.equal(sums, exact.float()))
+        sx, sw = acts.scale[:, None].contiguous(), scales.T.contiguous()
+        out["fp8_cublas_gemm"] = median_us([lambda: torch._scaled_mm(a8, b8.t(), scale_a=sx, scale_b=sw,
+                                                                      out_dtype=torch.bfloat16)], cfg)
+    except (RuntimeError, AttributeError, TypeError) as err:  # an op missing or refusing these layouts here
+        errors["cublas_yardstick_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    return out
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def bench_shape(n: int, k: int, cfg: Config) -> list[dict]:
+    from lowbit.kernels import PackedWeight, w4a16_linear, wxax_linear
+    from lowbit.kernels.int8_gemm import wxax_gemm
+    from lowbit.kernels.w4a4 import prepare_wxax, quantize_activations, wxax_linear_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(cfg.seed)
+    w = torch.randn(n, k, device="cuda", generator=gen) / k**0.5
+    w16 = PackedWeight.quantize(w, 4, cfg.group)
+    w4 = PackedWeight.quantize(w, 4, k)
+    dense = w16.dequantize(torch.bfloat16)
+    try:
+        tiny = tinygemm_weight(w16, cfg.group)
+    except (RuntimeError, AttributeError) as err:  # op missing or changed in this torch
+        tiny, tiny_error = None, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    rows = []
+    for m in cfg.tokens:
+        copies = max(1, min(32, ROTATE_BYTES // (n * k * 2))) if m <= 16 else 1
+        x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+        dense_copies = [dense.clone() for _ in range(copies)]
+        w16_copies = [w16] + [PackedWeight(w16.packed.clone(), w16.scales.clone(), w16.zeros.clone(), 4, cfg.group,
+                                           k, n) for _ in range(copies * 4 - 1)]
+        w4_copies = [w4] + [PackedWeight(w4.packed.clone(), w4.scales.clone(), w4.zeros.clone(), 4, k, k, n)
+                            for _ in range(copies * 4 - 1)]
+        acts = quantize_activations(x, 4, False, k)
+        times = {
+            "bf16": median_us([lambda d=d: F.linear(x, d) for d in dense_copies], cfg),
+            "w4a16": median_us([lambda p=p: w4a16_linear(x, p) for p in w16_copies], cfg),
+            "w4a4": median_us([lambda p=p: wxax_linear(x, p, 4, False) for p in w4_copies], cfg),
+            "w4a4_quant": median_us([lambda: quantize_activations(x, 4, False, k)], cfg),
+            "w4a4_gemm": median_us([lambda p=p: wxax_gemm(acts, prepare_wxax(p), None, torch.bfloat16)
+                                    for p in w4_copies], cfg),
+            "w4a4_gemm_int8w": median_us([lambda p=p: wxax_gemm(acts, prepare_wxax(p, unpacked=True), None,
+                                                                torch.bfloat16) for p in w4_copies[:copies * 2]], cfg),
+        }
+        errors = {
+            "w4a16": rel_error(w4a16_linear(x, w16), F.linear(x.float(), w16.dequantize())),
+            "w4a4": rel_error(wxax_linear(x, w4, 4, False), wxax_linear_reference(x.float(), w4, 4, False)),
+        }
+        if m >= 2048:  # yardsticks: cuBLAS int8 and FP8 GEMMs on the same 4-bit codes (no zero points, no epilogue)
+            times.update(cublas_yardsticks(acts, prepare_wxax(w4, unpacked=True).qweight, w4.scales, errors, cfg))
+        if tiny is not None:
+            tiny_copies = [(tiny[0].clone(), tiny[1].clone()) for _ in range(copies * 4)]
+            times["tinygemm"] = median_us([lambda t=t: torch.ops.aten._weight_int4pack_mm(x, t[0], cfg.group, t[1])
+                                           for t in tiny_copies], cfg)
+            errors["tinygemm"] = rel_error(torch.ops.aten._weight_int4pack_mm(x, tiny[0], cfg.group, tiny[1]),
+                                           F.linear(x.float(), w16.dequantize()))
+        row = {"n": n, "k": k, "m": m, "us": times, "speedup_vs_bf16": {key: times["bf16"] / t for key, t in
+                                                                      times.items()},
+               "rel_error_vs_reference": errors, "weight_copies_cycled": copies,
+               "tflops_bf16": 2 * m * n * k / times["bf16"] / 1e6}
+        if tiny is None:
+            row["tinygemm_error"] = tiny_error
+        rows.append(row)
+        print(f"{n}x{k} M={m}: " + ", ".join(f"{key} {t:.1f} us" for key, t in times.items()), flush=True)
+        del dense_copies, w16_copies, w4_copies
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_tables(rows: list[dict]) -> None:
+    def cell(row, key):
+        if key not in row["us"]:
+            return "n/a"
+        return f"{row['us'][key]:.1f} ({row['speedup_vs_bf16'][key]:.2f}x)"
+
+    print_markdown(
+        ["N x K", "M", "bf16 cuBLAS us", "tinygemm int4 g128", "lowbit W4A16 g128", "lowbit W4A4 (with act. quant)",
+         "act. quant alone", "W4A4 GEMM alone", "W4A4 GEMM, int8 weights", "cuBLAS int8 GEMM", "cuBLAS FP8 GEMM"],
+        [f"| {r['n']}x{r['k']} | {r['m']} | {r['us']['bf16']:.1f} | {cell(r, 'tinygemm')} | {cell(r, 'w4a16')} | "
+         f"{cell(r, 'w4a4')} | {r['us']['w4a4_quant']:.1f} | {cell(r, 'w4a4_gemm')} | {cell(r, 'w4a4_gemm_int8w')} | "
+         f"{cell(r, 'int8_cublas_gemm')} | {cell(r, 'fp8_cublas_gemm')} |"
+         for r in rows],
+    )
+    print("\n(us per call, speedup over bf16 cuBLAS in parentheses; errors vs reference in the JSON)")
+
+
+def main(argv=None) -> None:
+    cfg, out = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise LowbitError("benchmarks/inference_kernels.py needs a CUDA GPU")
+    import triton
+
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "config": {**cfg.__dict__, "shapes": [list(s) for s in cfg.shapes]},
+            "command": "python benchmarks/inference_kernels.py" + (" --quick" if cfg.shapes != tuple(SHAPES) else "")}
+    rows = []
+    for n, k in cfg.shapes:
+        rows += bench_shape(n, k, cfg)
+    print_tables(rows)
+    write_json([{"meta": meta}] + rows, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""4-bit training kernels on the GPU: GEMMs, fused quantizers, one training linear layer, one LLaMA training step.
+
+    PYTHONPATH=$PWD/src python benchmarks/train_kernels.py            # H100: about 4-6 minutes
+    PYTHONPATH=$PWD/src python benchmarks/train_kernels.py --quick    # small shapes, a sanity run (~1-2 minutes)
+
+Every ratio is against bf16 measured in the same run (CUDA events, warm-up, median of >= 20 timed runs):
+(1) one GEMM 8192 x 4096 x 4096: bf16 cuBLAS vs FP8 ``_scaled_mm`` (fp32 accumulation, and fast accumulation),
+``torch._int_mm`` and the Triton INT8 kernel, with an exactness check of each on int4 data; (2) the fused kernels
+alone; (3) a 4-bit training linear layer (HQ+LSS, ``lowbit.train``) forward + backward, 8192 tokens, 4096 x 4096,
+vs a bf16 ``nn.Linear``; (4) a ~350M-parameter LLaMA-style training step (AdamW, bf16 autocast) 4-bit vs bf16,
+plus the loss of a short run (same data, same seed) for both. JSON to benchmarks/results/train_kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.report import print_markdown, write_json
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small shapes and few steps: a sanity run")
+    p.add_argument("--tokens", type=int, default=8192, help="tokens of the layer benchmark (default 8192)")
+    p.add_argument("--width", type=int, default=4096, help="in = out features of the layer benchmark (default 4096)")
+    p.add_argument("--iters", type=int, default=30, help="timed runs per measurement (>= 20; default 30)")
+    p.add_argument("--steps", type=int, default=50, help="training steps of the LM runs (default 50)")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--intermediate", type=int, default=3584, help="MLP width (a multiple of the Hadamard block)")
+    p.add_argument("--seqlen", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-lm", action="store_true", help="only the GEMM, kernel and layer benchmarks")
+    p.add_argument("--out", type=Path, default=RESULTS / "train_kernels.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tokens, args.width, args.iters, args.steps = 2048, 1024, 20, 12
+        args.hidden, args.layers, args.heads, args.intermediate, args.seqlen, args.batch_size = 256, 2, 4, 704, 256, 4
+    if args.iters < 20:
+        raise LowbitError(f"--iters must be at least 20 (median of >= 20 runs), got {args.iters}")
+    return args
+
+
+def median_ms(fn, iters: int, warmup: int = 5) -> float:
+    """Median wall time of ``fn`` on the GPU in milliseconds (CUDA events around each run)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def bench_gemms(m: int, n: int, k: int, iters: int) -> list[dict]:
+    """One GEMM ``(m x k) @ (n x k)^T`` in bf16 and on the integer-exact low-bit paths."""
+    from lowbit.kernels.int_gemm import FP8, fp8_matmul, int8_matmul
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randint(-8, 8, (m, k), device="cuda", generator=gen)
+    b = torch.randint(-8, 8, (n, k), device="cuda", generator=gen)
+    exact = (a.double() @ b.double().T)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    a8, b8 = a.to(FP8), b.to(FP8)
+    ai, bi = a.to(torch.int8), b.to(torch.int8)
+    bi_t = bi.T  # column-major (k x n), what cuBLASLt's int8 GEMM wants
+    paths = {
+        "bf16 cuBLAS": (lambda: a16 @ b16.T, None),
+        "FP8 _scaled_mm (fp32 accum)": (lambda: fp8_matmul(a8, b8), lambda r: r),
+        "FP8 _scaled_mm (fast accum)": (lambda: fp8_matmul(a8, b8, fast_accum=True), lambda r: r),
+        "INT8 torch._int_mm": (lambda: torch._int_mm(ai, bi_t), lambda r: r),
+        "INT8 Triton (lowbit)": (lambda: int8_matmul(ai, bi), lambda r: r),
+    }
+    flops = 2 * m * n * k
+    rows, base = [], None
+    for name, (fn, to_int) in paths.items():
+        ms = median_ms(fn, iters)
+        base = base or ms
+        same = None if to_int is None else bool(torch.equal(to_int(fn()).double(), exact))
+        rows.append({"bench": "gemm", "path": name, "shape": f"{m}x{n}x{k}", "ms": round(ms, 4),
+                     "tflops": round(flops / ms / 1e9, 1), "speedup_vs_bf16": round(base / ms, 3), "exact": same})
+    return rows
+
+
+def bench_fused(m: int, k: int, iters: int) -> list[dict]:
+    """The fused kernels alone, and the bytes they move as an effective bandwidth."""
+    from lowbit.kernels.bitsplit import split_rows
+    from lowbit.kernels.int_gemm import FP8
+    from lowbit.kernels.quantize import hadamard_rotate, rotate_quantize
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    noise = torch.rand(m, k, device="cuda")
+    step = torch.tensor([0.05], device="cuda")
+    gf = g.float()
+    cases = {
+        "rotate+quantize x (bf16 -> fp8, writes v)": (lambda: rotate_quantize(x, 32, step, -8, 7, out_dtype=FP8),
+                                                     m * k * (2 + 1 + 4)),
+        "rotate+quantize x (bf16 -> fp8, no v)": (lambda: rotate_quantize(x, 32, step, -8, 7, out_dtype=FP8,
+                                                                          save_v=False), m * k * 3),
+        "rotate+quantize per token (2 passes)": (lambda: rotate_quantize(x, 32, None, -8, 7, out_dtype=FP8),
+                                                 m * k * 5),
+        "inverse Hadamard (fp32)": (lambda: hadamard_rotate(gf, 32, inverse=True), m * k * 8),
+        "bit split + norms (bf16 -> 2x fp32)": (lambda: split_rows(g, noise), m * k * (2 + 4 + 8)),
+        "bit split + norms (bf16 -> 2x fp8)": (lambda: split_rows(g, noise, FP8), m * k * (2 + 4 + 2)),
+    }
+    rows = []
+    for name, (fn, nbytes) in cases.items():
+        ms = median_ms(fn, iters)
+        rows.append({"bench": "fused", "path": name, "shape": f"{m}x{k}", "ms": round(ms, 4),
+                     "gbps": round(nbytes / ms / 1e6, 1)})
+    return rows
+
+
+def bench_layer(tokens: int, width: int, iters: int, seed: int) -> list[dict]:
+    """Forward + backward of one linear layer: bf16 ``nn.Linear`` vs the 4-bit HQ+LSS layer (fp32 master weight,
+    bf16 autocast, as in training)."""
+    from lowbit.train.config import TrainQuantConfig
+    from lowbit.train.linear import QuantTrainLinear
+
+    torch.manual_seed(seed)
+    x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+    dense = nn.Linear(width, width, bias=False, device="cuda", dtype=torch.bfloat16)
+
+    def run_dense():
+        dense(x).backward(gy)
+
+    layers = {"4-bit HQ+LSS (ratio 0.5)": TrainQuantConfig(),
+              "4-bit HQ, no sampling (ratio 1)": TrainQuantConfig(sampling_ratio=1.0)}
+    base = median_ms(run_dense, iters)
+    rows = [{"bench": "layer", "path": "bf16 nn.Linear", "shape": f"{tokens}x{width}x{width}", "ms": round(base, 4),
+             "speedup_vs_bf16": 1.0}]
+    for name, cfg in layers.items():
+        layer = QuantTrainLinear(nn.Linear(width, width, bias=False, device="cuda"), cfg)
+
+        def run_quant(layer=layer):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = layer(x)
+            y.backward(gy)
+
+        ms = median_ms(run_quant, iters)
+        rows.append({"bench": "layer", "path": name, "shape": f"{tokens}x{width}x{width}", "ms": round(ms, 4),
+                     "speedup_vs_bf16": round(base / ms, 3)})
+    return rows
+
+
+def train_run(args, quant: bool) -> tuple[list[float], list[float], int]:
+    """``args.steps`` AdamW steps from one seed on the same byte windows; per-step losses and times (ms)."""
+    from lowbit.train.config import preset
+    from lowbit.train.convert import convert
+    from lowbit.train.lm import LMShape, build_lm, byte_splits, random_windows
+    from lowbit.train.optim import param_groups, warmup_schedule
+
+    shape = LMShape(hidden=args.hidden, layers=args.layers, heads=args.heads, intermediate=args.intermediate,
+                    seqlen=args.seqlen)
+    model = build_lm(shape, args.seed, "cuda")
+    params = sum(p.numel() for p in model.parameters())
+    if quant:
+        convert(model, preset("hq-lss4", seed=args.seed))
+    train_ids, _ = byte_splits(["wikitext2", "lambada", "ptb"], args.seqlen)
+    train_ids = train_ids.cuda()
+    opt = torch.optim.AdamW(param_groups(model, args.lr))
+    sched = warmup_schedule(opt, args.steps)
+    gen = torch.Generator().manual_seed(args.seed)
+    losses, times = [], []
+    model.train()
+    for _ in range(args.steps):
+        batch = random_windows(train_ids, args.batch_size, args.seqlen, gen)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        end.record()
+        losses.append(loss.detach())
+        times.append((start, end))
+    torch.cuda.synchronize()
+    del model, opt
+    torch.cuda.empty_cache()
+    return [float(v) for v in losses], [s.elapsed_time(e) for s, e in times], params
+
+
+def bench_lm(args) -> list[dict]:
+    base_loss, base_ms, params = train_run(args, quant=False)
+    quant_loss, quant_ms, _ = train_run(args, quant=True)
+    skip = min(10, args.steps // 2)  # warm-up steps (compilation, LSQ init, allocator) are not timed
+    b, q = statistics.median(base_ms[skip:]), statistics.median(quant_ms[skip:])
+    rows = [{"bench": "lm_step", "path": path, "params_m": round(params / 1e6, 1), "ms": round(ms, 3),
+             "speedup_vs_bf16": round(b / ms, 3), "timed_steps": len(base_ms) - skip,
+             "tokens_per_step": args.batch_size * args.seqlen, "losses": [round(v, 4) for v in losses]}
+            for path, ms, losses in (("bf16", b, base_loss), ("4-bit HQ+LSS", q, quant_loss))]
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise LowbitError("benchmarks/train_kernels.py needs a CUDA GPU (the kernels' CPU tests live in tests/kernels)")
+    os.environ.setdefault("LOWBIT_KERNELS", "auto")
+    device = torch.cuda.get_device_name()
+    rows = bench_gemms(args.tokens, args.width, args.width, args.iters)
+    print_markdown(["GEMM", "shape", "ms", "TFLOP/s", "x bf16", "exact"],
+                   [f"| {r['path']} | {r['shape']} | {r['ms']} | {r['tflops']} | {r['speedup_vs_bf16']} | {r['exact']} |"
+                    for r in rows])
+    fused = bench_fused(args.tokens, args.width, args.iters)
+    print_markdown(["fused kernel", "shape", "ms", "GB/s"],
+                   [f"| {r['path']} | {r['shape']} | {r['ms']} | {r['gbps']} |" for r in fused])
+    layer = bench_layer(args.tokens, args.width, args.iters, args.seed)
+    print_markdown(["layer fwd+bwd", "shape", "ms", "x bf16 (goal 1.5)"],
+                   [f"| {r['path']} | {r['shape']} | {r['ms']} | {r['speedup_vs_bf16']} |" for r in layer])
+    rows += fused + layer
+    if not args.skip_lm:
+        lm = bench_lm(args)
+        print_markdown(["LM training step", "params (M)", "ms/step", "x bf16 (goal 1.25)"],
+                       [f"| {r['path']} | {r['params_m']} | {r['ms']} | {r['speedup_vs_bf16']} |" for r in lm])
+        marks = sorted({0, *range(9, args.steps, 10), args.steps - 1})
+        print_markdown(["step", "loss bf16", "loss 4-bit"],
+                       [f"| {i + 1} | {lm[0]['losses'][i]:.4f} | {lm[1]['losses'][i]:.4f} |" for i in marks])
+        rows += lm
+    for r in rows:
+        r["device"] = device
+    write_json(rows, args.out if not args.quick else args.out.with_name("train_kernels_quick.json"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,391 @@
+"""W4A16 linear: packed 4-bit weights, fp16/bf16/fp32 activations, dequantization inside the kernel.
+
+``w4a16_linear(x, weight, bias)`` equals ``F.linear(x, weight.dequantize(x.dtype), bias)`` up to floating-point
+rounding: the kernels accumulate in float32 and keep 16-bit scales when x is 16-bit (tests: |error| <= 2e-6, 2e-3,
+1e-2 of sum |x||w| for float32, float16, bfloat16). Three paths, chosen by the number of rows M:
+
+- M == 1 (decode), a GEMV on CUDA cores: one shift and one mask-or per weight put the nibble c in the top
+  mantissa bits of 1.0, giving 1 + c/16 exactly; one FMA per weight accumulates it against x, and per group
+  sum (c - z) x = 16 sum (1 + c/16) x - (16 + z) sum x removes the 1 (cancelling ~4 of float32's 24 bits).
+  Each thread loads the words of 8 rows at one K position, so an activation is loaded once for 8 rows.
+- 2 <= M <= 64: ``tl.dot`` on 16-bit codes built the same way (the nibble ORed into a 16-bit float whose mantissa
+  unit is 1: exactly BASE + c), the BASE and zero point removed per group through the row sums of x.
+- M > 64 (prefill, compute-bound): a Triton kernel dequantizes the weight to x.dtype (bit for bit
+  ``weight.dequantize(x.dtype)``), then cuBLAS; the dequantization is part of every call.
+
+Prepared layout (``W4A16Layout``, built once per weight, device and dtype): int32 words of 8 nibbles; within each
+chunk of C = 8*KW codes (C the largest of 128/64/32/16 dividing the group size) word j holds codes j, KW+j, ...,
+7KW+j, so the activations a nibble plane multiplies are contiguous; the words of 4 consecutive rows at one
+position are adjacent (one 16-byte load). Scales and zeros are stored (groups, N) in x.dtype when every zero point
+is exact in it, else float32. Weights of other widths, or group sizes not divisible by 16, run the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.errors import LowbitError
+from lowbit.kernels.dispatch import backend_for, interpreting
+from lowbit.kernels.weights import PackedWeight
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference path needs no Triton
+    triton = None
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GEMV_MAX_ROWS = 1
+DOT_MAX_ROWS = 64
+CHUNK_CHOICES = (128, 64, 32, 16)
+# bits 19..22 of a float32: a nibble there is 1/16 of a unit of 1.0. Passed to the GEMV as a runtime argument so
+# the compiler keeps it in a register instead of re-materialising the constant before every use.
+NIBBLE_MASK = 0x780000
+# 16-bit floats whose mantissa unit is 1.0: OR a nibble into the low bits and the value is BASE + nibble, exactly
+SIXTEEN_BIT_MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+
+
+def check_linear_inputs(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, op: str) -> None:
+    """One clear line for every way the inputs of a quantized linear can be wrong."""
+    if not isinstance(weight, PackedWeight):
+        raise LowbitError(f"{op} needs a lowbit.kernels.PackedWeight, got {type(weight).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise LowbitError(f"{op} needs float16, bfloat16 or float32 activations, got {got}")
+    if x.dim() < 1 or x.shape[-1] != weight.in_features:
+        raise LowbitError(
+            f"{op}: activations end in {x.shape[-1] if x.dim() else 'nothing'} features but the weight expects "
+            f"{weight.in_features} (shape {tuple(x.shape)} vs weight {weight.out_features}x{weight.in_features})"
+        )
+    if x.device != weight.device:
+        raise LowbitError(f"{op}: activations on {x.device} but weight on {weight.device}; move one with .to()")
+    if bias is not None and (bias.shape != (weight.out_features,) or not bias.is_floating_point()):
+        raise LowbitError(f"{op}: bias must be a float tensor of shape ({weight.out_features},), got {tuple(bias.shape)}")
+
+
+def w4a16_linear_reference(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The definition: dequantize to x.dtype, then a plain linear."""
+    return F.linear(x, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def w4a16_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequantize(weight).T + bias for activations (..., K) in fp16/bf16/fp32; result in x.dtype."""
+    check_linear_inputs(x, weight, bias, "w4a16_linear")
+    if backend_for(x) == "reference" or weight.bits != 4 or chunk_size(weight.group_size) is None:
+        return w4a16_linear_reference(x, weight, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, weight.in_features).contiguous()
+    layout = prepare_w4a16(weight, x.dtype)
+    b = None if bias is None else bias.to(x.dtype).contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        y = x2.new_empty((0, weight.out_features))
+    elif m <= GEMV_MAX_ROWS:
+        y = _gemv(x2, layout, b)
+    elif m <= DOT_MAX_ROWS:
+        y = _small_m_gemm(x2, layout, b)
+    else:
+        w = _dequantize(weight, layout, x.dtype)
+        y = F.linear(x2, w, b)
+    return y.reshape(*lead, weight.out_features)
+
+
+# ------------------------------------------------------------------------------------------------ prepared layout
+ROWS = 4  # rows whose words at one K position are stored together (one 16-byte load; x reused across them)
+
+
+@dataclass(frozen=True, eq=False)
+class W4A16Layout:
+    """The kernel's view of a 4-bit weight: planar words interleaved by ROWS rows, metadata (groups, N) in ``meta``."""
+
+    words: torch.Tensor  # int32 (ceil(N / ROWS), K // 8, ROWS), padding rows all zero
+    scales: torch.Tensor  # (groups, padded N), meta dtype
+    zeros: torch.Tensor  # (groups, padded N), meta dtype, integer-valued
+    chunk: int  # C: codes per planar chunk (8 * KW)
+    group_size: int
+    in_features: int
+    out_features: int
+
+    @property
+    def padded_rows(self) -> int:
+        return self.words.shape[0] * ROWS
+
+
+def chunk_size(group_size: int) -> int | None:
+    """The planar chunk: the largest of 128/64/32/16 dividing the group size (so a chunk lies in one group)."""
+    return next((c for c in CHUNK_CHOICES if group_size % c == 0), None)
+
+
+def planar_words(codes: torch.Tensor, chunk: int) -> torch.Tensor:
+    """int32 (ceil(N/ROWS), K/8, ROWS): in each chunk of ``chunk`` codes word j holds codes i*KW + j in nibble i;
+    the words of ROWS consecutive rows at one position are adjacent."""
+    n, k = codes.shape
+    kw = chunk // 8
+    c = codes.to(torch.int64).reshape(n, k // chunk, 8, kw).transpose(2, 3)  # (N, chunks, j, i)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * 4
+    words = (c << shifts).sum(-1)  # < 2^32, exact in int64
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).reshape(n, k // 8)
+    words = F.pad(words, (0, 0, 0, -n % ROWS))
+    return words.reshape(-1, ROWS, k // 8).transpose(1, 2).contiguous()
+
+
+def meta_dtype(weight: PackedWeight, dtype: torch.dtype) -> torch.dtype:
+    """Scales and zeros in the activation dtype (half the bytes of float32) when every zero point is exact in it.
+
+    A 16-bit scale changes each group's contribution by at most one rounding of that dtype, the same order as the
+    reference's own rounding of the dequantized weight to x.dtype.
+    """
+    if dtype == torch.float32:
+        return torch.float32
+    info, s, z = torch.finfo(dtype), weight.scales, weight.zeros
+    normal = bool((s >= info.tiny).all()) and bool((s <= info.max).all())  # no subnormal or infinite scale
+    return dtype if normal and torch.equal(z.to(dtype).float(), z) else torch.float32
+
+
+def prepare_w4a16(weight: PackedWeight, dtype: torch.dtype) -> W4A16Layout:
+    """The planar layout of ``weight`` for activations of ``dtype``, built once and cached on the weight."""
+
+    def build() -> W4A16Layout:
+        chunk = chunk_size(weight.group_size)
+        if weight.bits != 4 or chunk is None:
+            raise LowbitError(
+                f"the W4A16 kernel needs 4-bit weights with a group size divisible by 16, got {weight.bits}-bit "
+                f"weights with group size {weight.group_size}"
+            )
+        meta = meta_dtype(weight, dtype)
+        pad = -weight.out_features % ROWS
+
+        def by_group(t: torch.Tensor) -> torch.Tensor:
+            return F.pad(t.T, (0, pad)).to(meta).contiguous()
+
+        return W4A16Layout(
+            planar_words(weight.codes(), chunk), by_group(weight.scales), by_group(weight.zeros), chunk,
+            weight.group_size, weight.in_features, weight.out_features,
+        )
+
+    return weight.prepared(("w4a16", dtype), build)
+
+
+def use_fixed_config() -> bool:
+    """One fixed launch configuration instead of Triton's autotuning: always on the CPU interpreter, and on the GPU
+    when ``LOWBIT_AUTOTUNE=0`` (tests of many small shapes, where tuning would cost more than it saves)."""
+    return interpreting() or os.environ.get("LOWBIT_AUTOTUNE", "1").strip() == "0"
+
+
+# ----------------------------------------------------------------------------------------------------- kernels
+if triton is not None:
+    # tl.reduce with triton's own combine function rather than tl.sum: the interpreter maps it to numpy even when
+    # triton was imported before TRITON_INTERPRET was set (the tests reload this module under the interpreter)
+    _SUM = tl.standard._sum_combine
+
+    @triton.jit
+    def _nibble_float(words, POS: tl.constexpr):
+        """Nibble POS (0..4) of int32 words ORed into the low mantissa bits of a float whose mantissa unit is 1.0
+        there: the float is exactly nibble + _nibble_base(POS)."""
+        bits = (words & (15 << (4 * POS))) | ((150 - 4 * POS) << 23)
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _nibble_base(POS: tl.constexpr):
+        return tl.full([], (150 - 4 * POS) << 23, tl.int32).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _nibble(words, POS: tl.constexpr):
+        """Nibble POS (0..4) of int32 words as an exact float32."""
+        return _nibble_float(words, POS) - _nibble_base(POS)
+
+    @triton.jit
+    def _unit_code(words, mask, I: tl.constexpr):
+        """1 + nibble I / 16 as a float32: one shift puts the nibble in the top mantissa bits (19..22) of 1.0.
+
+        The same mask and exponent serve every nibble (constants stay in registers), and no subtraction follows:
+        the 1 is removed once per group through the sum of the activations."""
+        if I < 5:
+            moved = words << (19 - 4 * I)
+        else:
+            moved = words >> (4 * I - 19)
+        return ((moved & mask) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _word_offsets(rows, pos, K, R: tl.constexpr):
+        """Offsets of the words of ``rows`` at word positions ``pos`` along K (broadcast shapes)."""
+        return (rows // R) * (K // 8 * R) + pos * R + rows % R
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, NP, K, NIBBLE_MASK, HAS_BIAS: tl.constexpr,
+                     KW: tl.constexpr, R: tl.constexpr, CPG: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CHUNKS: tl.constexpr, HALVES: tl.constexpr):
+        # Tile (HALVES, row groups, chunks, words of a chunk, rows of a group). A thread loads the R words of one
+        # position at once (16 bytes) and holds both halves, so each activation it loads serves HALVES * R rows.
+        # Out-of-range chunks and row groups are clamped (no masks in the loop); their scale is loaded as 0.
+        C: tl.constexpr = 8 * KW
+        BNB: tl.constexpr = BLOCK_N // (R * HALVES)
+        h = tl.arange(0, HALVES)
+        nb = tl.arange(0, BNB)
+        u = tl.arange(0, CHUNKS)
+        j = tl.arange(0, KW)
+        r = tl.arange(0, R)
+        n_chunks = K // C
+        grp = tl.program_id(0) * (HALVES * BNB) + h[:, None] * BNB + nb[None, :]  # (H, BNB) row groups
+        grp_in = grp < NP // R
+        grp_c = tl.minimum(grp, NP // R - 1)
+        w_rows = w_ptr + grp_c[:, :, None, None, None] * (K // 8 * R) + r[None, None, None, None, :]
+        pos = (u[:, None] * KW + j[None, :])[None, None, :, :, None]
+        w = tl.load(w_rows + tl.minimum(pos, K // 8 - 1) * R)
+        rows = (grp[:, :, None] * R + r[None, None, :])[:, :, None, :]  # (H, BNB, 1, R)
+        acc = tl.full((HALVES, BNB, CHUNKS, KW, R), 0, tl.float32)
+        for c0 in range(0, n_chunks, CHUNKS):
+            chunk = c0 + u
+            chunk_c = tl.minimum(chunk, n_chunks - 1)
+            # prefetch the next tile of words while this one is dequantized (registers as a second buffer)
+            nxt = tl.minimum(chunk + CHUNKS, n_chunks - 1)
+            w_next = tl.load(w_rows + (nxt[:, None] * KW + j[None, :])[None, None, :, :, None] * R)
+            meta = (chunk_c // CPG)[None, None, :, None] * NP + rows  # (H, BNB, CHUNKS, R)
+            meta_ok = grp_in[:, :, None, None] & (chunk < n_chunks)[None, None, :, None]
+            s = tl.load(s_ptr + meta, mask=meta_ok, other=0).to(tl.float32)[:, :, :, None, :]
+            z = tl.load(z_ptr + meta, mask=meta_ok, other=0).to(tl.float32)[:, :, :, None, :]
+            x_ptrs = x_ptr + chunk_c[:, None] * C + j[None, :]
+            part = tl.full((HALVES, BNB, CHUNKS, KW, R), 0, tl.float32)
+            x_sum = tl.full((CHUNKS, KW), 0, tl.float32)
+            for i in tl.static_range(8):
+                xi = tl.load(x_ptrs + i * KW).to(tl.float32)
+                part += _unit_code(w, NIBBLE_MASK, i) * xi[None, None, :, :, None]
+                x_sum += xi
+            # sum (c - z) x = 16 sum (1 + c/16) x - (16 + z) sum x; the cancellation costs ~4 bits of 24
+            acc += s * (16.0 * part - (z + 16.0) * x_sum[None, None, :, :, None])
+            w = w_next
+        y = tl.reshape(tl.reduce(tl.reduce(acc, 3, _SUM), 2, _SUM), (BLOCK_N,))
+        out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + out_rows, mask=out_rows < N, other=0).to(tl.float32)
+        tl.store(y_ptr + out_rows, y.to(y_ptr.dtype.element_ty), mask=out_rows < N)
+
+    @triton.jit
+    def _small_m_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, NP, K, HAS_BIAS: tl.constexpr,
+                        KW: tl.constexpr, R: tl.constexpr, CPG: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, BASE: tl.constexpr, UPCAST: tl.constexpr):
+        C: tl.constexpr = 8 * KW
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        n_ok = rn < NP
+        col = tl.arange(0, C)
+        x_col = (col % 8) * KW + col // 8  # tile column j*8+i holds planar code i*KW+j
+        j = tl.arange(0, KW)
+        shifts = tl.arange(0, 8) * 4
+        w_ptrs = w_ptr + _word_offsets(rn[:, None], j[None, :], K, R)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
+        for c in range(0, K // C):
+            w = tl.load(w_ptrs + c * (KW * R), mask=n_ok[:, None], other=0)
+            if MAGIC != 0 and KW >= 16:  # one dot per nibble plane: contiguous activations, no reshuffle
+                part = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
+                x_sum = tl.full((BLOCK_M,), 0, tl.float32)
+                for i in tl.static_range(8):
+                    xi = tl.load(x_ptr + rm[:, None] * K + c * C + i * KW + j[None, :], mask=m_ok[:, None], other=0)
+                    wi = (((w >> (4 * i)) & 15) | MAGIC).to(tl.int16).to(xi.dtype, bitcast=True)
+                    if UPCAST:  # the CPU interpreter's bf16 dot is wrong; it multiplies in float32 instead
+                        part += tl.dot(xi.to(tl.float32), tl.trans(wi.to(tl.float32)), input_precision="ieee")
+                    else:
+                        part = tl.dot(xi, tl.trans(wi), part)
+                    x_sum += tl.reduce(xi.to(tl.float32), 1, _SUM)
+            else:
+                codes = (w[:, :, None] >> shifts[None, None, :]) & 15
+                xt = tl.load(x_ptr + rm[:, None] * K + c * C + x_col[None, :], mask=m_ok[:, None], other=0)
+                if MAGIC == 0:  # float32 activations: plain conversion, IEEE products
+                    wt = tl.reshape(codes.to(tl.float32), (BLOCK_N, C))
+                    part = tl.dot(xt, tl.trans(wt), input_precision="ieee")
+                else:  # OR the nibble into the mantissa of MAGIC: exactly BASE + code, no int-to-float convert
+                    wt = tl.reshape((codes | MAGIC).to(tl.int16).to(xt.dtype, bitcast=True), (BLOCK_N, C))
+                    if UPCAST:
+                        part = tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), input_precision="ieee")
+                    else:
+                        part = tl.dot(xt, tl.trans(wt))
+                x_sum = tl.reduce(xt.to(tl.float32), 1, _SUM)
+            g = c // CPG
+            s = tl.load(s_ptr + g * NP + rn, mask=n_ok, other=0).to(tl.float32)
+            z = tl.load(z_ptr + g * NP + rn, mask=n_ok, other=0).to(tl.float32) + BASE
+            acc += s[None, :] * (part - x_sum[:, None] * z[None, :])
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & (rn < N)[None, :])
+
+    @triton.jit
+    def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUPS, GROUP_SIZE, KW: tl.constexpr,
+                           R: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+        C: tl.constexpr = 8 * KW
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        chunk = tl.program_id(1) * CHUNKS + tl.arange(0, CHUNKS)
+        j = tl.arange(0, KW)
+        ok = (rows < N)[:, None] & (chunk < K // C)[None, :]
+        w = tl.load(w_ptr + _word_offsets(rows[:, None, None], chunk[None, :, None] * KW + j[None, None, :], K, R),
+                    mask=ok[:, :, None], other=0)
+        meta = rows[:, None] * GROUPS + ((chunk * C) // GROUP_SIZE)[None, :]  # canonical (N, groups) float32
+        s = tl.load(s_ptr + meta, mask=ok, other=1).to(tl.float32)[:, :, None]
+        z = tl.load(z_ptr + meta, mask=ok, other=0).to(tl.float32)[:, :, None]
+        out = out_ptr + rows[:, None, None] * K + chunk[None, :, None] * C + j[None, None, :]
+        high = w >> 12
+        for i in tl.static_range(8):
+            if i < 5:
+                code = _nibble(w, i)
+            else:
+                code = _nibble(high, i - 3)
+            tl.store(out + i * KW, ((code - z) * s).to(out_ptr.dtype.element_ty), mask=ok[:, :, None])
+
+    _GEMV_CONFIGS = [
+        triton.Config({"BLOCK_N": bn, "CHUNKS": ch}, num_warps=nw)
+        for bn, ch, nw in ((8, 8, 2), (16, 4, 4), (16, 8, 4), (16, 8, 8), (32, 4, 4), (32, 8, 8), (64, 4, 8))
+    ]
+    _gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K", "KW", "CPG"])(_gemv_kernel)
+    _SMALL_M_CONFIGS = [
+        triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
+        for bn, nw, ns in ((32, 4, 3), (64, 4, 3), (128, 4, 3), (64, 8, 2), (128, 8, 3))
+    ]
+    _small_m_tuned = triton.autotune(_SMALL_M_CONFIGS, key=["N", "K", "KW", "CPG", "BLOCK_M"])(_small_m_kernel)
+
+
+def _gemv(x: torch.Tensor, layout: W4A16Layout, bias: torch.Tensor | None) -> torch.Tensor:
+    n, k = layout.out_features, layout.in_features
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    args = (x, layout.words, layout.scales, layout.zeros, y if bias is None else bias, y, n, layout.padded_rows, k,
+            NIBBLE_MASK)
+    flags = dict(HAS_BIAS=bias is not None, KW=layout.chunk // 8, R=ROWS, CPG=layout.group_size // layout.chunk,
+                 HALVES=2)
+    if use_fixed_config():
+        _gemv_kernel[(triton.cdiv(n, 16),)](*args, **flags, BLOCK_N=16, CHUNKS=2)
+    else:
+        _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
+    return y
+
+
+def _small_m_gemm(x: torch.Tensor, layout: W4A16Layout, bias: torch.Tensor | None) -> torch.Tensor:
+    (m, k), n = x.shape, layout.out_features
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    args = (x, layout.words, layout.scales, layout.zeros, y if bias is None else bias, y, m, n, layout.padded_rows, k)
+    flags = dict(HAS_BIAS=bias is not None, KW=layout.chunk // 8, R=ROWS, CPG=layout.group_size // layout.chunk,
+                 BLOCK_M=block_m,
+                 MAGIC=SIXTEEN_BIT_MAGIC.get(x.dtype, (0, 0.0))[0], BASE=SIXTEEN_BIT_MAGIC.get(x.dtype, (0, 0.0))[1],
+                 UPCAST=use_fixed_config() and x.dtype == torch.bfloat16)
+    if use_fixed_config():
+        _small_m_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, 32))](*args, **flags, BLOCK_N=32)
+    else:
+        grid = lambda meta: (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        _small_m_tuned[grid](*args, **flags)
+    return y
+
+
+def _dequantize(weight: PackedWeight, layout: W4A16Layout, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in ``dtype`` from the canonical float32 scales: bit for bit ``weight.dequantize(dtype)``."""
+    n, k = layout.out_features, layout.in_features
+    out = torch.empty((n, k), dtype=dtype, device=layout.words.device)
+    block_n, chunks = (16, 4) if use_fixed_config() else (32, 4)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k // layout.chunk, chunks))
+    _dequantize_kernel[grid](layout.words, weight.scales, weight.zeros, out, n, k, k // layout.group_size,
+                             layout.group_size, KW=layout.chunk // 8, R=ROWS, BLOCK_N=block_n, CHUNKS=chunks,
+                             num_warps=4)
+    return out
