@@ -15,6 +15,18 @@ from lowbit.ptq.step import CalibStep
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    """Adam amplifies TF32 noise in near-zero gradients, so a TF32 switch left on by an earlier test (training
+    benchmarks turn it on) would make eager and graph differ by more than rounding: pin full float32 here."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved[0]
+    torch.set_float32_matmul_precision(saved[1])
+
+
 def test_graphed_step_equals_eager_step():
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 64, device="cuda")
