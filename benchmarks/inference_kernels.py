@@ -12,7 +12,9 @@ int8-stored weights, and for M >= 2048 two yardsticks on the same codes without 
 ``torch._int_mm`` and row-scaled FP8 ``torch._scaled_mm`` (with a check that FP8 returns exact integer sums). Every call is timed inside a CUDA graph (so Python launch cost is not measured, as in a
 graph-captured decode loop), cycling through enough weight copies that they do not fit in the 50 MB L2; CUDA
 events around each graph replay, warm-up (which also runs Triton's autotuning) first, median of >= 20 replays.
-Each method's output is also checked against ``lowbit``'s reference. JSON to benchmarks/results/inference_kernels.json.
+Each method's output is also checked against ``lowbit``'s reference. A method that fails (compile error, missing
+op) prints n/a and its error, and the others still run; for M >= 2048, W4A16's fused GEMM is also compared with the
+whole weight dequantized by a kernel, then cuBLAS. JSON to benchmarks/results/inference_kernels.json.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench_shape(n: int, k: int, cfg: Config) -> list[dict]:
     from lowbit.kernels import PackedWeight, w4a16_linear, wxax_linear
+    from lowbit.kernels import w4a16
     from lowbit.kernels.int8_gemm import wxax_gemm
     from lowbit.kernels.w4a4 import prepare_wxax, quantize_activations, wxax_linear_reference
 
@@ -151,33 +154,51 @@ def bench_shape(n: int, k: int, cfg: Config) -> list[dict]:
                                            k, n) for _ in range(copies * 4 - 1)]
         w4_copies = [w4] + [PackedWeight(w4.packed.clone(), w4.scales.clone(), w4.zeros.clone(), 4, k, k, n)
                             for _ in range(copies * 4 - 1)]
-        acts = quantize_activations(x, 4, False, k)
-        times = {
-            "bf16": median_us([lambda d=d: F.linear(x, d) for d in dense_copies], cfg),
-            "w4a16": median_us([lambda p=p: w4a16_linear(x, p) for p in w16_copies], cfg),
-            "w4a4": median_us([lambda p=p: wxax_linear(x, p, 4, False) for p in w4_copies], cfg),
-            "w4a4_quant": median_us([lambda: quantize_activations(x, 4, False, k)], cfg),
-            "w4a4_gemm": median_us([lambda p=p: wxax_gemm(acts, prepare_wxax(p), None, torch.bfloat16)
-                                    for p in w4_copies], cfg),
-            "w4a4_gemm_int8w": median_us([lambda p=p: wxax_gemm(acts, prepare_wxax(p, unpacked=True), None,
-                                                                torch.bfloat16) for p in w4_copies[:copies * 2]], cfg),
-        }
-        errors = {
-            "w4a16": rel_error(w4a16_linear(x, w16), F.linear(x.float(), w16.dequantize())),
-            "w4a4": rel_error(wxax_linear(x, w4, 4, False), wxax_linear_reference(x.float(), w4, 4, False)),
-        }
-        if m >= 2048:  # yardsticks: cuBLAS int8 and FP8 GEMMs on the same 4-bit codes (no zero points, no epilogue)
+        times, errors, failures = {}, {}, {}
+
+        def timed(name: str, calls: list[Callable[[], object]]) -> None:
+            """Time one method; a failure (compile error, missing op) is recorded and printed, not fatal."""
+            try:
+                times[name] = median_us(calls, cfg)
+            except Exception as err:  # noqa: BLE001 - one failing method must not hide the others
+                failures[name] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:200]}"
+                print(f"{n}x{k} M={m}: {name} n/a ({failures[name]})", flush=True)
+
+        def checked(name: str, fn: Callable[[], float]) -> None:
+            if name in times:
+                try:
+                    errors[name] = fn()
+                except Exception as err:  # noqa: BLE001
+                    failures[name] = f"{type(err).__name__}: {str(err)[:200]}"
+
+        timed("bf16", [lambda d=d: F.linear(x, d) for d in dense_copies])
+        timed("w4a16", [lambda p=p: w4a16_linear(x, p) for p in w16_copies])
+        if m >= 2048:  # yardstick: the whole weight dequantized by a kernel, then cuBLAS
+            timed("w4a16_dequant_cublas", [lambda p=p: F.linear(x, w4a16._dequantize(
+                p, w4a16.prepare_w4a16(p, x.dtype), x.dtype)) for p in w16_copies])
+        timed("w4a4", [lambda p=p: wxax_linear(x, p, 4, False) for p in w4_copies])
+        timed("w4a4_quant", [lambda: quantize_activations(x, 4, False, k)])
+        acts = quantize_activations(x, 4, False, k) if "w4a4_quant" in times else None
+        if acts is not None:
+            timed("w4a4_gemm", [lambda p=p: wxax_gemm(acts, prepare_wxax(p), None, torch.bfloat16)
+                                for p in w4_copies])
+            timed("w4a4_gemm_int8w", [lambda p=p: wxax_gemm(acts, prepare_wxax(p, unpacked=True), None,
+                                                            torch.bfloat16) for p in w4_copies[:copies * 2]])
+        checked("w4a16", lambda: rel_error(w4a16_linear(x, w16), F.linear(x.float(), w16.dequantize())))
+        checked("w4a4", lambda: rel_error(wxax_linear(x, w4, 4, False), wxax_linear_reference(x.float(), w4, 4, False)))
+        if m >= 2048 and acts is not None:  # yardsticks: cuBLAS int8 and FP8 GEMMs on the same 4-bit codes (no zero points, no epilogue)
             times.update(cublas_yardsticks(acts, prepare_wxax(w4, unpacked=True).qweight, w4.scales, errors, cfg))
         if tiny is not None:
             tiny_copies = [(tiny[0].clone(), tiny[1].clone()) for _ in range(copies * 4)]
-            times["tinygemm"] = median_us([lambda t=t: torch.ops.aten._weight_int4pack_mm(x, t[0], cfg.group, t[1])
-                                           for t in tiny_copies], cfg)
-            errors["tinygemm"] = rel_error(torch.ops.aten._weight_int4pack_mm(x, tiny[0], cfg.group, tiny[1]),
-                                           F.linear(x.float(), w16.dequantize()))
-        row = {"n": n, "k": k, "m": m, "us": times, "speedup_vs_bf16": {key: times["bf16"] / t for key, t in
-                                                                      times.items()},
+            timed("tinygemm", [lambda t=t: torch.ops.aten._weight_int4pack_mm(x, t[0], cfg.group, t[1])
+                               for t in tiny_copies])
+            checked("tinygemm", lambda: rel_error(torch.ops.aten._weight_int4pack_mm(x, tiny[0], cfg.group, tiny[1]),
+                                           F.linear(x.float(), w16.dequantize())))
+        base = times.get("bf16", float("nan"))
+        row = {"n": n, "k": k, "m": m, "us": times, "speedup_vs_bf16": {key: base / t for key, t in times.items()},
+               "failures": failures,
                "rel_error_vs_reference": errors, "weight_copies_cycled": copies,
-               "tflops_bf16": 2 * m * n * k / times["bf16"] / 1e6}
+               "tflops_bf16": 2 * m * n * k / base / 1e6}
         if tiny is None:
             row["tinygemm_error"] = tiny_error
         rows.append(row)
@@ -191,17 +212,22 @@ def print_tables(rows: list[dict]) -> None:
     def cell(row, key):
         if key not in row["us"]:
             return "n/a"
+        if key == "bf16" or key == "w4a4_quant":
+            return f"{row['us'][key]:.1f}"
         return f"{row['us'][key]:.1f} ({row['speedup_vs_bf16'][key]:.2f}x)"
 
     print_markdown(
         ["N x K", "M", "bf16 cuBLAS us", "tinygemm int4 g128", "lowbit W4A16 g128", "lowbit W4A4 (with act. quant)",
-         "act. quant alone", "W4A4 GEMM alone", "W4A4 GEMM, int8 weights", "cuBLAS int8 GEMM", "cuBLAS FP8 GEMM"],
-        [f"| {r['n']}x{r['k']} | {r['m']} | {r['us']['bf16']:.1f} | {cell(r, 'tinygemm')} | {cell(r, 'w4a16')} | "
-         f"{cell(r, 'w4a4')} | {r['us']['w4a4_quant']:.1f} | {cell(r, 'w4a4_gemm')} | {cell(r, 'w4a4_gemm_int8w')} | "
+         "W4A16 dequant + cuBLAS", "act. quant alone", "W4A4 GEMM alone", "W4A4 GEMM, int8 weights", "cuBLAS int8 GEMM", "cuBLAS FP8 GEMM"],
+        [f"| {r['n']}x{r['k']} | {r['m']} | {cell(r, 'bf16')} | {cell(r, 'tinygemm')} | {cell(r, 'w4a16')} | "
+         f"{cell(r, 'w4a4')} | {cell(r, 'w4a16_dequant_cublas')} | {cell(r, 'w4a4_quant')} | {cell(r, 'w4a4_gemm')} | {cell(r, 'w4a4_gemm_int8w')} | "
          f"{cell(r, 'int8_cublas_gemm')} | {cell(r, 'fp8_cublas_gemm')} |"
          for r in rows],
     )
     print("\n(us per call, speedup over bf16 cuBLAS in parentheses; errors vs reference in the JSON)")
+    for r in rows:
+        for key, why in r["failures"].items():
+            print(f"n/a {r['n']}x{r['k']} M={r['m']} {key}: {why}")
 
 
 def main(argv=None) -> None:

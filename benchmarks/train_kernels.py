@@ -162,6 +162,35 @@ def bench_layer(tokens: int, width: int, iters: int, seed: int) -> list[dict]:
     return rows
 
 
+def bench_layer_parts(tokens: int, width: int, iters: int) -> list[dict]:
+    """Where the 4-bit layer's time goes: each part of its forward and backward timed alone (HQ+LSS, ratio 0.5)."""
+    import lowbit.train.backward as bwd
+    from lowbit.kernels.int_gemm import FP8
+    from lowbit.train.dispatch import int_matmul_scaled
+    from lowbit.train.hq import Rotation, lsq_backward, rotate_quantize
+
+    x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(width, width, device="cuda") * 0.02
+    g = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+    rot, gen = Rotation(32, 0, None), torch.Generator(device="cuda").manual_seed(0)
+    sx, sw = torch.tensor([0.05], device="cuda"), torch.tensor([0.002], device="cuda")
+    qx, qw = rotate_quantize(x, rot, sx, 4, FP8), rotate_quantize(w, rot, sw, 4, FP8)
+    xq, wq = qx.q.to(torch.int8), qw.q.to(torch.int8)
+    rows, weight, sq = bwd.split_rows_with_norms(g, gen)
+    gxh = torch.randn(tokens, width, device="cuda")
+    parts = {
+        "fwd: rotate+quantize x (writes v)": lambda: rotate_quantize(x, rot, sx, 4, FP8),
+        "fwd: rotate+quantize W": lambda: rotate_quantize(w, rot, sw, 4, FP8),
+        "fwd: FP8 GEMM + epilogue scale": lambda: int_matmul_scaled(qx.q, qw.q, qx.step * qw.step),
+        "bwd: grad_y.float() + bit split + norms": lambda: bwd.split_rows_with_norms(g.float(), gen),
+        "bwd: grad-input (sample + gathered GEMM)": lambda: bwd.int4_grad_input(rows, weight, wq, 0.5, gen, 4, sq),
+        "bwd: grad-weight (sample + 3 GEMMs)": lambda: bwd.int4_grad_weight(rows, weight, xq, 0.5, gen, 4, sq),
+        "bwd: LSQ backward x + inverse Hadamard": lambda: rot.inverse(lsq_backward(gxh, qx, -8, 7)[0]),
+    }
+    return [{"bench": "layer_part", "path": name, "shape": f"{tokens}x{width}x{width}",
+             "ms": round(median_ms(fn, iters), 4)} for name, fn in parts.items()]
+
+
 def train_run(args, quant: bool) -> tuple[list[float], list[float], int]:
     """``args.steps`` AdamW steps from one seed on the same byte windows; per-step losses and times (ms)."""
     from lowbit.train.config import preset
@@ -230,7 +259,10 @@ def main(argv=None) -> int:
     layer = bench_layer(args.tokens, args.width, args.iters, args.seed)
     print_markdown(["layer fwd+bwd", "shape", "ms", "x bf16 (goal 1.5)"],
                    [f"| {r['path']} | {r['shape']} | {r['ms']} | {r['speedup_vs_bf16']} |" for r in layer])
-    rows += fused + layer
+    parts = bench_layer_parts(args.tokens, args.width, args.iters)
+    print_markdown(["4-bit layer part", "shape", "ms"], [f"| {r['path']} | {r['shape']} | {r['ms']} |" for r in parts]
+                   + [f"| sum of parts | | {round(sum(r['ms'] for r in parts), 4)} |"])
+    rows += fused + layer + parts
     if not args.skip_lm:
         lm = bench_lm(args)
         print_markdown(["LM training step", "params (M)", "ms/step", "x bf16 (goal 1.25)"],

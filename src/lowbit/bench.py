@@ -9,8 +9,8 @@ CUDA the decode step of *both* models runs from one captured CUDA graph over a s
 its own greedy token back, so replaying it T times decodes T tokens with no host work). If capture fails for a
 model, that model falls back to eager decoding over a dynamic cache and its row says so (``decode_mode``).
 
-Speed does not depend on weight values, so ``random_llama`` builds a LLaMA-7B-shaped model with seeded random
-weights directly on the device, and ``pack_rtn`` turns its linears into packed W4A16 modules one at a time.
+The models are converted in place between float and packed linears by ``lowbit.export.inplace`` (which also builds
+the random-weight LLaMA-7B-shaped model of ``--random-llama7b``: speed does not depend on weight values).
 """
 
 from __future__ import annotations
@@ -27,12 +27,9 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.export.inplace import pack_quantized, pack_rtn, random_llama, to_float_linears
 
 log = logging.getLogger(__name__)
-
-LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-
 
 @dataclass(frozen=True)
 class BenchOptions:
@@ -281,102 +278,6 @@ def _decode_seconds(model: nn.Module, prompt: torch.Tensor, options: BenchOption
     return _median(timer, lambda: eager.decode(tokens), options.warmup, options.repeats, eager.prefill), mode
 
 
-def random_llama(device: str | torch.device = "cuda", dtype: torch.dtype = torch.float16, seed: int = 0,
-                 **overrides) -> nn.Module:
-    """A LLaMA-7B-shaped causal LM (``overrides`` change any config field) with seeded N(0, 0.02) weights.
-
-    Built directly on ``device`` in ``dtype``: a 7B model is 13.5 GB in fp16 and is never materialised twice.
-    """
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(**{**LLAMA_7B, **overrides})
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.02, generator=generator)
-        for module in model.modules():  # norms at 1, as trained models keep them near
-            if "Norm" in type(module).__name__:
-                module.weight.fill_(1.0)
-    return model.eval().requires_grad_(False)
-
-
-def _packed_linear(codes, bias: torch.Tensor | None, act_bits: int | None = None, act_symmetric: bool = False):
-    from lowbit.export.linear import PackedLinear
-    from lowbit.quant.packing import pack
-
-    qweight = pack(codes.codes, codes.bits).data.contiguous()
-    return PackedLinear(qweight, codes.scales.contiguous(), codes.zeros.contiguous(), codes.bits, codes.group_size,
-                        codes.in_features, bias=None if bias is None else bias.detach(), act_bits=act_bits,
-                        act_symmetric=act_symmetric)
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
-@torch.no_grad()
-def pack_rtn(model: nn.Module, bits: int = 4, group_size: int | None = 128) -> int:
-    """Round every block linear to nearest (asymmetric, min-max) and swap it for a packed W-only module, in place.
-
-    One layer at a time, so peak memory is the model plus one layer's float32 work; returns the layers packed.
-    """
-    from lowbit.export.codes import LinearCodes
-    from lowbit.models.registry import adapter_for
-    from lowbit.quant.quantizer import QuantSpec, quantize
-
-    adapter = adapter_for(model.config.model_type)
-    spec = QuantSpec(bits, False, "channel") if group_size is None else QuantSpec(bits, False, "group", group_size)
-    count = 0
-    for b, block in enumerate(adapter.blocks(model)):
-        for name, linear in adapter.block_linears(block).items():
-            n, k = linear.weight.shape
-            spec.check_width(k, what=f"layer {b} {name}")
-            qt = quantize(linear.weight, spec)
-            group = k if group_size is None else group_size
-            codes = LinearCodes(qt.q.reshape(n, k).to(torch.int16), qt.scale.reshape(n, k // group),
-                                qt.zero.reshape(n, k // group), bits, group)
-            _replace(block, name, _packed_linear(codes, linear.bias))
-            del qt, codes, linear
-            count += 1
-    return count
-
-
-@torch.no_grad()
-def pack_quantized(model: nn.Module, config) -> int:
-    """Swap the block linears of a model already on ``config``'s grid (a ``lowbit quantize`` output) for packed
-    modules that quantize activations as it was calibrated; returns the layers packed."""
-    act_bits = None if config.act_spec is None else config.abits
-    count = 0
-    from lowbit.export.codes import iter_quantized_linears
-
-    for name, module, codes in iter_quantized_linears(model, config):  # lazily: one layer's codes at a time
-        _replace(model, name, _packed_linear(codes, module.bias, act_bits, config.act_symmetric))
-        count += 1
-    return count
-
-
-@torch.no_grad()
-def to_float_linears(model: nn.Module, dtype: torch.dtype) -> int:
-    """The fp16 twin of a quantized model, in place: packed and fake-quant linears become plain ``nn.Linear``
-    (weights dequantized, activations no longer quantized). Returns the layers replaced."""
-    from lowbit.export.linear import PackedLinear
-    from lowbit.quant.fake_quant import QuantLinear
-
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (PackedLinear, QuantLinear))]
-    for name, module in targets:
-        weight = module.weight.dequantize(dtype) if isinstance(module, PackedLinear) else module.quantized_weight()
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device=weight.device, dtype=dtype)
-        linear.weight.copy_(weight)
-        if module.bias is not None:
-            linear.bias.copy_(module.bias)
-        _replace(model, name, linear.requires_grad_(False))
-    return len(targets)
-
-
 def bench_pair(model: nn.Module, options: BenchOptions, convert: Callable[[nn.Module], object],
                labels: tuple[str, str]) -> tuple[BenchResult, BenchResult]:
     """Measure ``model``, convert it in place with ``convert`` (pack it, or unpack it), measure again.
@@ -399,9 +300,7 @@ def compare_with_fp16(model: str | None, options: BenchOptions, device: str, dty
     - a ``lowbit quantize`` output: its float twin first, then packed as it was calibrated;
     - any other model: as loaded, then packed to W``wbits``A16 by RTN.
     """
-    from pathlib import Path
-
-    from lowbit.generate import is_packed_dir
+    from lowbit.export.linear import PackedLinear
     from lowbit.models.loading import load_model, resolve_dtype
 
     torch_dtype = resolve_dtype(dtype, device)
@@ -410,16 +309,13 @@ def compare_with_fp16(model: str | None, options: BenchOptions, device: str, dty
     if random_layers is not None:
         net = random_llama(device, torch_dtype, options.seed, num_hidden_layers=random_layers)
         return bench_pair(net, options, lambda m: pack_rtn(m, wbits, group_size), (float_label, rtn_label))
-    if model is not None and is_packed_dir(Path(model)):
-        from lowbit.export.load import load_quantized
-
-        loaded = load_quantized(model, device=device, dtype=torch_dtype)
-        label = f"{loaded.quant_config.name} packed ({loaded.quant_config.method})"
+    loaded = load_model(model, dtype=torch_dtype, device=device)
+    config = loaded.quant_config
+    if any(isinstance(m, PackedLinear) for m in loaded.model.modules()):  # a packed checkpoint
+        label = f"{config.name} packed ({config.method})"
         quantized, baseline = bench_pair(loaded.model, options, lambda m: to_float_linears(m, torch_dtype),
                                          (label, float_label))
         return baseline, quantized
-    loaded = load_model(model, dtype=torch_dtype, device=device)
-    config = loaded.quant_config
     if config is not None and config.weight_spec is not None:
         to_float_linears(loaded.model, torch_dtype)  # weights stay on the grid; activations no longer quantized
         return bench_pair(loaded.model, options, lambda m: pack_quantized(m, config),

@@ -232,12 +232,13 @@ def _run_eval(args) -> int:
 
 
 def _run_generate(args) -> int:
-    from lowbit.generate import GenerateOptions, generate, load_for_inference
+    from lowbit import load_model
+    from lowbit.generate import GenerateOptions, generate
 
     options = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed)
     device = _device(args.device)
-    loaded = load_for_inference(args.model, device=device, dtype=args.dtype)
+    loaded = load_model(args.model, dtype=args.dtype, device=device)
 
     def write(piece: str) -> None:
         sys.stdout.write(piece)
@@ -273,8 +274,9 @@ def _run_bench(args) -> int:
 def _run_export(args) -> int:
     from lowbit.export import save_packed
     from lowbit.export.compressed_tensors import save_compressed_tensors
-    from lowbit.export.gptq import load_result, save_gptq
-    from lowbit.generate import is_packed_dir
+    from lowbit.export.gptq import save_gptq
+    from lowbit.export.w4a16 import load_result
+    from lowbit.models.loading import is_packed_dir
 
     if args.output.exists() and not args.overwrite:
         raise LowbitError(f"output {args.output} already exists; choose another --output or pass --overwrite")

@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -171,30 +170,3 @@ def generate(
     _sync(device)
     text = stream.close()
     return Generation(ids.shape[1], tuple(stream.ids), text, prefill, time.perf_counter() - start)
-
-
-def load_for_inference(model: str | Path | None, device: str = "cpu", dtype: str | torch.dtype = "auto"):
-    """Load any directory lowbit runs: a packed checkpoint (real integers), a fake-quant output or a plain model."""
-    from lowbit.models.loading import load_model
-
-    if model is not None and is_packed_dir(Path(model)):
-        from lowbit import load_quantized
-
-        return load_quantized(model, device=device, dtype=dtype)
-    return load_model(model, dtype=dtype, device=device)
-
-
-def is_packed_dir(path: Path) -> bool:
-    """True for a directory written by ``lowbit.export.save_packed`` (its ``quantization.json`` says so)."""
-    import json
-
-    from lowbit.export.packed import FORMAT, QUANT_FILE
-
-    meta_file = path / QUANT_FILE
-    if not meta_file.is_file():
-        return False
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False  # load_model reports the corrupt file with its own message
-    return isinstance(meta, dict) and meta.get("format") == FORMAT

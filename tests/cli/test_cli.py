@@ -67,6 +67,45 @@ def test_affinequant_cli_side_by_side_and_reload(tmp_path, capsys, tiny_model_di
     assert json.loads((tmp_path / "e.json").read_text())[0]["value"] == pytest.approx(calibrated, rel=2e-3)
 
 
+def test_eval_reads_a_packed_output_like_the_fake_quant_one(tmp_path, capsys, tiny_model_dir, text_file):
+    """`lowbit eval` on a `--format packed` output runs the packed modules and gets the fake-quant save's number."""
+    import torch
+
+    from lowbit import load_model
+    from lowbit.export import PackedLinear
+
+    scores = {}
+    for fmt in ("fake", "packed"):
+        out = tmp_path / fmt
+        assert main(["-q", "quantize", "--model", str(tiny_model_dir("llama")), "--wbits", "4", "--abits", "8",
+                     "--group-size", "32", "--format", fmt, "--output", str(out), "--device", "cpu"]) == 0
+        assert main(["-q", "eval", "--model", str(out), "--tasks", str(text_file), "--seqlen", "64",
+                     "--json", str(tmp_path / f"{fmt}.json")]) == 0
+        row = json.loads((tmp_path / f"{fmt}.json").read_text())[0]
+        assert row["name"] == "rtn W4A8g32"
+        scores[fmt] = row["value"]
+    assert "| rtn W4A8g32 |" in capsys.readouterr().out
+    # the same integer weights; only the fake-quant save rounds them to float16
+    assert scores["packed"] == pytest.approx(scores["fake"], rel=2e-3)
+    loaded = load_model(tmp_path / "packed", dtype="float16")
+    assert isinstance(loaded.model.model.layers[0].self_attn.q_proj, PackedLinear)
+    assert loaded.model.model.embed_tokens.weight.dtype == torch.float16 and "packed" in loaded.source
+    assert load_model(tmp_path / "packed").model.model.embed_tokens.weight.dtype == torch.float32  # auto on CPU
+
+
+def test_corrupt_quantization_json_is_one_line(tmp_path, capsys, tiny_model_dir):
+    import shutil
+
+    shutil.copytree(tiny_model_dir("llama"), tmp_path / "m")
+    (tmp_path / "m" / "quantization.json").write_text("{not json")
+    for command in ("eval", "generate", "bench", "export"):
+        extra = {"generate": ["--prompt", "x"], "export": ["--format", "gptq", "--output", str(tmp_path / "x")],
+                 "eval": [], "bench": []}[command]
+        line = run_error(capsys, ["-q", command, "--model", str(tmp_path / "m"), *extra])
+        assert "quantization.json is not valid JSON" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 @pytest.mark.parametrize("bits", ["1", "9"])
 def test_bad_bits(tmp_path, capsys, bits):
     line = run_error(capsys, ["quantize", "--wbits", bits, "--output", str(tmp_path / "o")])

@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
+from lowbit import load_model
 from lowbit.cli import main
-from lowbit.generate import GenerateOptions, generate, load_for_inference
+from lowbit.generate import GenerateOptions, generate
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def quantized_dirs(tmp_path_factory, lively_dir):
 
 
 def test_greedy_matches_hf_generate_and_streams_the_same_text(lively_dir):
-    loaded = load_for_inference(lively_dir)
+    loaded = load_model(lively_dir)
     pieces = []
     ours = generate(loaded.model, loaded.tokenizer, "The history of", GenerateOptions(max_new_tokens=24,
                     stop_at_eos=False), on_text=pieces.append)
@@ -49,7 +50,7 @@ def test_greedy_matches_hf_generate_and_streams_the_same_text(lively_dir):
 
 
 def test_sampling_is_seeded(lively_dir):
-    loaded = load_for_inference(lively_dir)
+    loaded = load_model(lively_dir)
 
     def run(seed):
         options = GenerateOptions(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=seed, stop_at_eos=False)
@@ -62,10 +63,10 @@ def test_packed_and_fake_quant_generate_the_same_tokens(quantized_dirs):
     fake, packed = quantized_dirs
     outs = []
     for directory in (fake, packed):
-        loaded = load_for_inference(directory)
+        loaded = load_model(directory)
         outs.append(generate(loaded.model, loaded.tokenizer, "In 1905 the", GenerateOptions(max_new_tokens=12,
                                                                                             stop_at_eos=False)))
-    assert type(load_for_inference(packed).model.model.layers[0].mlp.up_proj).__name__ == "PackedLinear"
+    assert type(load_model(packed).model.model.layers[0].mlp.up_proj).__name__ == "PackedLinear"
     assert outs[0].token_ids == outs[1].token_ids
 
 
@@ -128,7 +129,7 @@ def test_static_cache_decode_step_matches_hf_greedy(lively_dir, batch):
     eagerly: the same greedy tokens as transformers' own generate, also after a rewind."""
     from lowbit.bench import GraphDecoder
 
-    loaded = load_for_inference(lively_dir)
+    loaded = load_model(lively_dir)
     prompt = torch.randint(0, 384, (batch, 10), generator=torch.Generator().manual_seed(batch))
     ref = loaded.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=9, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)
@@ -147,7 +148,8 @@ def test_random_llama_packed_by_rtn_matches_fake_quant_and_benches():
     import copy
 
     from lowbit import QuantConfig, quantize
-    from lowbit.bench import BenchOptions, bench_pair, pack_rtn, random_llama
+    from lowbit.bench import BenchOptions, bench_pair
+    from lowbit.export.inplace import pack_rtn, random_llama
     from lowbit.models.loading import LoadedModel
     from lowbit.models.registry import adapter_for
 

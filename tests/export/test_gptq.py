@@ -17,7 +17,8 @@ from conftest import make_tiny_model
 from safetensors.torch import load_file
 
 from lowbit import LowbitError, QuantConfig, quantize
-from lowbit.export.gptq import save_gptq, w4a16_layers
+from lowbit.export.gptq import save_gptq
+from lowbit.export.w4a16 import w4a16_layers
 from lowbit.models.loading import LoadedModel
 from lowbit.models.registry import adapter_for
 

@@ -61,6 +61,8 @@ def test_rotate_quantize_equals_reference(device, m, k, block, pad, dtype, scale
         got = q.rotate_quantize(x, block, step, -8, 7, signs, pad, out_dtype)
         want = q.rotate_quantize_reference(x, block, step, -8, 7, signs, pad, out_dtype)
         assert got.q.dtype == out_dtype and torch.equal(got.q.float(), want.q.float())
+        bits = torch.int32 if out_dtype == torch.float32 else torch.int8  # bit patterns: the sign of zero too
+        assert torch.equal(got.q.view(bits), want.q.view(bits))
         assert torch.equal(got.step, want.step)
         assert (got.v is None) == (want.v is None) and (got.v is None or torch.equal(got.v, want.v))
         assert got.q.float().min() >= -8 and got.q.float().max() <= 7
@@ -117,4 +119,6 @@ def test_training_shapes_on_gpu(device):
     for s in (step, None):
         got = q.rotate_quantize(x, 32, s, -8, 7, out_dtype=torch.float8_e4m3fn)
         want = q.rotate_quantize_reference(x, 32, s, -8, 7, out_dtype=torch.float8_e4m3fn)
-        assert torch.equal(got.q.float(), want.q.float()) and torch.equal(got.step, want.step)
+        # exact: the same fp8 bit patterns (zeros are canonical +0 on both sides), the same float32 steps
+        assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8)), (got.q.float() - want.q.float()).abs().max()
+        assert torch.equal(got.step.view(torch.int32), want.step.view(torch.int32))

@@ -1,4 +1,4 @@
-"""W4A16: the packed weight's contract, and each Triton path (GEMV, small-M dot, dequantize + GEMM) against
+"""W4A16: the packed weight's contract, and each Triton path (GEMV, tiled GEMM, whole-weight dequantize) against
 ``F.linear(x, weight.dequantize(x.dtype))`` on odd shapes, group sizes and dtypes (CPU interpreter or CUDA)."""
 
 import importlib
@@ -55,7 +55,7 @@ def _no_reference(module, monkeypatch):
     monkeypatch.setattr(module, "w4a16_linear_reference", boom)
 
 
-CASES = [  # (M, N, K, group, dtype, symmetric, bias): M=1 GEMV, 2..64 dot kernel, >64 dequantize + GEMM
+CASES = [  # (M, N, K, group, dtype, symmetric, bias): M=1 GEMV, M>=2 the tiled GEMM (small and large tiles)
     (1, 40, 576, 64, torch.float32, False, True),
     (1, 33, 1536, 128, torch.bfloat16, False, False),
     (1, 24, 576, 576, torch.float16, True, True),

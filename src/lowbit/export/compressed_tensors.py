@@ -1,6 +1,6 @@
 """Export a W4A16 result as compressed-tensors ``pack-quantized``: the format llm-compressor writes and vLLM serves.
 
-Only weight-only 4-bit results are exported (see ``lowbit.export.gptq``: W4A4 / W6A6 run only in lowbit's format).
+Only weight-only 4-bit results are exported (see ``lowbit.export.w4a16``: W4A4 / W6A6 run only in lowbit's format).
 
 Layout (compressed-tensors' ``PackedQuantizationCompressor``), for a linear with N outputs, K inputs, G groups:
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.codes import LinearCodes
-from lowbit.export.gptq import BITS, check_w4a16, fit_zero_range, pack_int32, to_fp16_scales, w4a16_layers, write_export
+from lowbit.export.w4a16 import BITS, PACK, export_w4a16, fit_zero_range, pack_int32, to_fp16_scales
 
 OFFSET = 2 ** (BITS - 1)  # the format's signed integers are stored as value + 8
 
@@ -34,9 +34,9 @@ OFFSET = 2 ** (BITS - 1)  # the format's signed integers are stored as value + 8
 def ct_tensors(name: str, codes: LinearCodes, bias: torch.Tensor | None, symmetric: bool) -> dict[str, torch.Tensor]:
     """The pack-quantized tensors of one linear (see the module docstring)."""
     n, k = codes.codes.shape
-    if k % 8:
-        raise LowbitError(f"{name}: pack-quantized stores 8 codes per int32, so the input width must be a multiple "
-                          f"of 8, got {k}")
+    if k % PACK:
+        raise LowbitError(f"{name}: pack-quantized stores {PACK} codes per int32, so the input width must be a multiple "
+                          f"of {PACK}, got {k}")
     codes = fit_zero_range(codes, 0, 2**BITS - 1, name, "compressed-tensors", "--format lowbit (any zero point)")
     if symmetric and not (codes.zeros == OFFSET).all():
         raise LowbitError(f"{name}: symmetric weights need every zero point at {OFFSET}; the model is not symmetric")
@@ -78,14 +78,13 @@ def ct_config(config, ignore: list[str]) -> dict:
 def save_compressed_tensors(loaded, config, output: str | Path, overwrite: bool = False) -> Path:
     """Export ``loaded`` (a W4A16 result of ``config``) as compressed-tensors pack-quantized; everything is
     encoded and checked before the first byte is written."""
-    check_w4a16(loaded, config, "compressed-tensors")
-    tensors: dict[str, torch.Tensor] = {}
-    layers = []
-    for name, bias, codes in w4a16_layers(loaded.model, config):
-        tensors.update(ct_tensors(name, codes, bias, config.weight_symmetric))
-        layers.append(name)
-    if not layers:
-        raise LowbitError("the model has no quantized linear layers to export")
-    quantized = set(layers)
-    ignore = [n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
-    return write_export(loaded, tensors, layers, ct_config(config, ignore), output, overwrite)
+
+    def encode(name: str, codes: LinearCodes, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return ct_tensors(name, codes, bias, config.weight_symmetric)
+
+    def quantization_config(layers: list[str]) -> dict:
+        quantized = set(layers)
+        ignore = [n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+        return ct_config(config, ignore)
+
+    return export_w4a16(loaded, config, "compressed-tensors", encode, quantization_config, output, overwrite)

@@ -56,9 +56,9 @@ def split_rows_reference(g: torch.Tensor, noise: torch.Tensor, out_dtype: torch.
     """The unfused math of ``sampling.bit_split`` with the noise given (same operations, same order)."""
     scale, gain = split_scale(g)
     t = (g.float() * gain).clamp(-SPLIT_RANGE, SPLIT_RANGE)
-    hi = torch.round(t / SPLIT_BASE).clamp(-7, 7)
+    hi = torch.round(t / t.new_full((), SPLIT_BASE)).clamp(-7, 7)  # a tensor divisor: a true division on CUDA
     lo = torch.floor((t - SPLIT_BASE * hi) + noise.float()).clamp(-7, 7)
-    rows = torch.cat([hi, lo], 0)
+    rows = torch.cat([hi, lo], 0) + 0.0  # canonical +0, as the kernel's rounding writes it
     return SplitRows(rows.to(out_dtype), rows.pow(2).sum(dim=1), scale)
 
 

@@ -61,20 +61,21 @@ if triton is not None:
 
         The weight is the left operand (swap AB): Hopper's wgmma takes its left operand from registers, so the
         unpacked nibbles go straight from the inline PTX to the tensor cores, and the row count of the
-        activations (the decode batch) is wgmma's narrow N dimension."""
+        activations (the decode batch) is wgmma's narrow N dimension. ``out_dtype=tl.int32`` is spelled out:
+        Triton 3.6 defaults it to float32 even for int8 operands with an int32 accumulator (and asserts)."""
         if PACKED:
             HALF: tl.constexpr = BLOCK_K // 2
             h = tl.arange(0, HALF)
             p = tl.load(w_ptr + rn[:, None] * (K // 2) + k0 // 2 + h[None, :], mask=n_ok[:, None], other=0)
             a_lo = tl.load(a_ptr + rm[:, None] * K + k0 + h[None, :], mask=m_ok[:, None], other=0)
             a_hi = tl.load(a_ptr + rm[:, None] * K + k0 + HALF + h[None, :], mask=m_ok[:, None], other=0)
-            acc = tl.dot(_low_nibbles(p, USE_ASM), tl.trans(a_lo), acc)
-            acc = tl.dot(_high_nibbles(p, USE_ASM), tl.trans(a_hi), acc)
+            acc = tl.dot(_low_nibbles(p, USE_ASM), tl.trans(a_lo), acc, out_dtype=tl.int32)
+            acc = tl.dot(_high_nibbles(p, USE_ASM), tl.trans(a_hi), acc, out_dtype=tl.int32)
         else:
             kk = tl.arange(0, BLOCK_K)
             b = tl.load(w_ptr + rn[:, None] * K + k0 + kk[None, :], mask=n_ok[:, None], other=0)
             a = tl.load(a_ptr + rm[:, None] * K + k0 + kk[None, :], mask=m_ok[:, None], other=0)
-            acc = tl.dot(b, tl.trans(a), acc)
+            acc = tl.dot(b, tl.trans(a), acc, out_dtype=tl.int32)
         return acc
 
     @triton.jit

@@ -195,7 +195,10 @@ def int8_matmul_reference(a: torch.Tensor, b: torch.Tensor, *, index: torch.Tens
                           col_scale: torch.Tensor | None = None, scale_first: bool = False) -> torch.Tensor:
     """What ``int8_matmul`` computes, in int64 then the same float32 epilogue."""
     rows = a if index is None else a[index.long()]
-    acc = rows.long() @ b.long().T
+    if rows.is_cuda:  # CUDA has no int64 matmul; float64 is exact below 2^53, far above any int8 x int8 sum here
+        acc = (rows.double() @ b.double().T).long()
+    else:
+        acc = rows.long() @ b.long().T
     if count is not None:
         acc[int(count):] = 0
     m, n = acc.shape

@@ -63,12 +63,16 @@ def rotate_quantize_reference(x: torch.Tensor, block: int, step: torch.Tensor | 
     """The unfused composition: rotate in float32, then LSQ (``step`` given) or dynamic per-token absmax."""
     xh = hadamard_rotate_reference(x, block, signs, pad)
     if step is None:
-        scale = (xh.abs().amax(dim=1, keepdim=True) / qmax).clamp(SCALE_MIN, SCALE_MAX)
-        q = (xh / scale).round().clamp(qmin, qmax)
+        # divide by a device tensor: torch turns ``/ python_scalar`` into a multiply by the reciprocal on CUDA,
+        # which is not the kernel's correctly rounded division
+        amax = xh.abs().amax(dim=1, keepdim=True)
+        scale = (amax / amax.new_full((), float(qmax))).clamp(SCALE_MIN, SCALE_MAX)
+        q = (xh / scale).round().clamp(qmin, qmax) + 0.0  # + 0.0: -0 becomes +0, as the kernel writes it
         return QuantizedOperand(q.to(out_dtype), scale, None)
     s = step.float().reshape(-1, 1) if step.numel() > 1 else step.float().reshape(())
     v = xh / s
-    return QuantizedOperand(torch.round(v.clamp(qmin, qmax)).to(out_dtype), s, v if save_v else None)
+    q = torch.round(v.clamp(qmin, qmax)) + 0.0  # canonical +0 (the kernel's 1.5 * 2^23 rounding never writes -0)
+    return QuantizedOperand(q.to(out_dtype), s, v if save_v else None)
 
 
 # ----------------------------------------------------------------------------------------------- Triton

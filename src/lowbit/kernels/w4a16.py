@@ -2,16 +2,19 @@
 
 ``w4a16_linear(x, weight, bias)`` equals ``F.linear(x, weight.dequantize(x.dtype), bias)`` up to floating-point
 rounding: the kernels accumulate in float32 and keep 16-bit scales when x is 16-bit (tests: |error| <= 2e-6, 2e-3,
-1e-2 of sum |x||w| for float32, float16, bfloat16). Three paths, chosen by the number of rows M:
+1e-2 of sum |x||w| for float32, float16, bfloat16). Two paths, chosen by the number of rows M:
 
 - M == 1 (decode), a GEMV on CUDA cores: one shift and one mask-or per weight put the nibble c in the top
   mantissa bits of 1.0, giving 1 + c/16 exactly; one FMA per weight accumulates it against x, and per group
   sum (c - z) x = 16 sum (1 + c/16) x - (16 + z) sum x removes the 1 (cancelling ~4 of float32's 24 bits).
   Each thread loads the words of 8 rows at one K position, so an activation is loaded once for 8 rows.
-- 2 <= M <= 64: ``tl.dot`` on 16-bit codes built the same way (the nibble ORed into a 16-bit float whose mantissa
-  unit is 1: exactly BASE + c), the BASE and zero point removed per group through the row sums of x.
-- M > 64 (prefill, compute-bound): a Triton kernel dequantizes the weight to x.dtype (bit for bit
-  ``weight.dequantize(x.dtype)``), then cuBLAS; the dequantization is part of every call.
+- M >= 2, one tiled GEMM for decode batches and prefill alike: each weight tile is read packed and dequantized in
+  registers with the GEMV's trick (1 + c/16 from a shift and a mask-or, then one FMA with 16 s and -(16 + z) s;
+  float32 activations use (c - z) s rounded once, as ``weight.dequantize`` does), cast to x.dtype and fed to
+  ``tl.dot`` as the left operand (out^T = W X^T) with float32 accumulation. Small M tunes narrow weight tiles
+  and several chunks per step (memory-bound: many CTAs, many bytes in flight); large M tunes 128-256 wide tiles
+  (compute-bound). ``_dequantize`` (dequantize the whole weight; bit for bit ``weight.dequantize``) stays as a
+  building block for comparisons (the benchmark times it + cuBLAS as a yardstick).
 
 Prepared layout (``W4A16Layout``, built once per weight, device and dtype): int32 words of 8 nibbles; within each
 chunk of C = 8*KW codes (C the largest of 128/64/32/16 dividing the group size) word j holds codes j, KW+j, ...,
@@ -40,7 +43,7 @@ except ImportError:  # the reference path needs no Triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GEMV_MAX_ROWS = 1
-DOT_MAX_ROWS = 64
+FUSED_GEMM_MAX_ROWS = 64  # above this, dequantize the weight and call cuBLAS (BENCHMARKS.md)
 CHUNK_CHOICES = (128, 64, 32, 16)
 # bits 19..22 of a float32: a nibble there is 1/16 of a unit of 1.0. Passed to the GEMV as a runtime argument so
 # the compiler keeps it in a register instead of re-materialising the constant before every use.
@@ -86,11 +89,10 @@ def w4a16_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | Non
         y = x2.new_empty((0, weight.out_features))
     elif m <= GEMV_MAX_ROWS:
         y = _gemv(x2, layout, b)
-    elif m <= DOT_MAX_ROWS:
-        y = _small_m_gemm(x2, layout, b)
-    else:
-        w = _dequantize(weight, layout, x.dtype)
-        y = F.linear(x2, w, b)
+    elif m <= FUSED_GEMM_MAX_ROWS:
+        y = _gemm(x2, layout, b)
+    else:  # measured on the H100: dequantize + cuBLAS is 0.8-0.95x bf16 at M >= 2048, the fused GEMM only 0.1x
+        y = F.linear(x2, _dequantize(weight, layout, x.dtype), b)
     return y.reshape(*lead, weight.out_features)
 
 
@@ -265,54 +267,52 @@ if triton is not None:
         tl.store(y_ptr + out_rows, y.to(y_ptr.dtype.element_ty), mask=out_rows < N)
 
     @triton.jit
-    def _small_m_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, NP, K, HAS_BIAS: tl.constexpr,
-                        KW: tl.constexpr, R: tl.constexpr, CPG: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, BASE: tl.constexpr, UPCAST: tl.constexpr):
+    def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, NP, K, M_BUCKET, NIBBLE_MASK,
+                     HAS_BIAS: tl.constexpr, KW: tl.constexpr, R: tl.constexpr, CPG: tl.constexpr,
+                     EXACT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     KCH: tl.constexpr):
+        # out^T = W X^T: the dequantized weight tile is the dot's left operand, which Hopper's wgmma reads from
+        # registers (no shared-memory round trip for it), and the rows of x are the narrow N side (decode batches).
+        # Per step KCH chunks: the words (BLOCK_N, KCH, KW) unpack plane by plane to (BLOCK_N, KCH, 8, KW), which
+        # is the natural K order of the chunk, so the activation tile is one contiguous (BLOCK_M, KCH*C) load.
         C: tl.constexpr = 8 * KW
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = rm < M
         n_ok = rn < NP
-        col = tl.arange(0, C)
-        x_col = (col % 8) * KW + col // 8  # tile column j*8+i holds planar code i*KW+j
+        u = tl.arange(0, KCH)
         j = tl.arange(0, KW)
-        shifts = tl.arange(0, 8) * 4
-        w_ptrs = w_ptr + _word_offsets(rn[:, None], j[None, :], K, R)
-        acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
-        for c in range(0, K // C):
-            w = tl.load(w_ptrs + c * (KW * R), mask=n_ok[:, None], other=0)
-            if MAGIC != 0 and KW >= 16:  # one dot per nibble plane: contiguous activations, no reshuffle
-                part = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
-                x_sum = tl.full((BLOCK_M,), 0, tl.float32)
-                for i in tl.static_range(8):
-                    xi = tl.load(x_ptr + rm[:, None] * K + c * C + i * KW + j[None, :], mask=m_ok[:, None], other=0)
-                    wi = (((w >> (4 * i)) & 15) | MAGIC).to(tl.int16).to(xi.dtype, bitcast=True)
-                    if UPCAST:  # the CPU interpreter's bf16 dot is wrong; it multiplies in float32 instead
-                        part += tl.dot(xi.to(tl.float32), tl.trans(wi.to(tl.float32)), input_precision="ieee")
-                    else:
-                        part = tl.dot(xi, tl.trans(wi), part)
-                    x_sum += tl.reduce(xi.to(tl.float32), 1, _SUM)
+        kk = tl.arange(0, KCH * C)
+        shifts = (tl.arange(0, 8) * 4)[None, None, :, None]
+        n_chunks = K // C
+        acc = tl.full((BLOCK_N, BLOCK_M), 0, tl.float32)
+        for c0 in range(0, n_chunks, KCH):
+            chunk = c0 + u
+            c_ok = chunk < n_chunks
+            pos = (chunk[:, None] * KW + j[None, :])[None, :, :]
+            w = tl.load(w_ptr + _word_offsets(rn[:, None, None], pos, K, R),
+                        mask=n_ok[:, None, None] & c_ok[None, :, None], other=0)
+            meta = (chunk // CPG)[None, :] * NP + rn[:, None]  # (BLOCK_N, KCH)
+            meta_ok = n_ok[:, None] & c_ok[None, :]
+            s = tl.load(s_ptr + meta, mask=meta_ok, other=0).to(tl.float32)[:, :, None, None]
+            z = tl.load(z_ptr + meta, mask=meta_ok, other=0).to(tl.float32)[:, :, None, None]
+            # 1 + c/16 from one shift pair, one mask-or (the nibble in the top mantissa bits of 1.0)
+            unit = ((((w[:, :, None, :] >> shifts) << 19) & NIBBLE_MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+            if EXACT:  # float32 activations: (c - z) * s rounded once, as weight.dequantize() does
+                wd = (unit * 16.0 - 16.0 - z) * s
+            else:  # one FMA: 16 s (1 + c/16) - (16 + z) s; the weight is then rounded to 16 bits anyway
+                wd = unit * (16.0 * s) - (16.0 + z) * s
+            xk = tl.load(x_ptr + rm[:, None] * K + c0 * C + kk[None, :],
+                         mask=m_ok[:, None] & (c0 * C + kk < K)[None, :], other=0)
+            if EXACT or UPCAST:  # float32 (IEEE products), or the CPU interpreter, whose bf16 dot is wrong
+                acc = tl.dot(tl.reshape(wd, (BLOCK_N, KCH * C)), tl.trans(xk.to(tl.float32)), acc,
+                             input_precision="ieee")
             else:
-                codes = (w[:, :, None] >> shifts[None, None, :]) & 15
-                xt = tl.load(x_ptr + rm[:, None] * K + c * C + x_col[None, :], mask=m_ok[:, None], other=0)
-                if MAGIC == 0:  # float32 activations: plain conversion, IEEE products
-                    wt = tl.reshape(codes.to(tl.float32), (BLOCK_N, C))
-                    part = tl.dot(xt, tl.trans(wt), input_precision="ieee")
-                else:  # OR the nibble into the mantissa of MAGIC: exactly BASE + code, no int-to-float convert
-                    wt = tl.reshape((codes | MAGIC).to(tl.int16).to(xt.dtype, bitcast=True), (BLOCK_N, C))
-                    if UPCAST:
-                        part = tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), input_precision="ieee")
-                    else:
-                        part = tl.dot(xt, tl.trans(wt))
-                x_sum = tl.reduce(xt.to(tl.float32), 1, _SUM)
-            g = c // CPG
-            s = tl.load(s_ptr + g * NP + rn, mask=n_ok, other=0).to(tl.float32)
-            z = tl.load(z_ptr + g * NP + rn, mask=n_ok, other=0).to(tl.float32) + BASE
-            acc += s[None, :] * (part - x_sum[:, None] * z[None, :])
+                acc = tl.dot(tl.reshape(wd.to(x_ptr.dtype.element_ty), (BLOCK_N, KCH * C)), tl.trans(xk), acc)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & (rn < N)[None, :])
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0).to(tl.float32)[:, None]
+        tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rn < N)[:, None] & m_ok[None, :])
 
     @triton.jit
     def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUPS, GROUP_SIZE, KW: tl.constexpr,
@@ -341,11 +341,26 @@ if triton is not None:
         for bn, ch, nw in ((8, 8, 2), (16, 4, 4), (16, 8, 4), (16, 8, 8), (32, 4, 4), (32, 8, 8), (64, 4, 8))
     ]
     _gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K", "KW", "CPG"])(_gemv_kernel)
-    _SMALL_M_CONFIGS = [
-        triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
-        for bn, nw, ns in ((32, 4, 3), (64, 4, 3), (128, 4, 3), (64, 8, 2), (128, 8, 3))
+    # (BLOCK_M rows of x, BLOCK_N weight rows, KCH chunks per step, warps, stages). Decode batches (M <= 64) are
+    # memory-bound: narrow weight tiles for many CTAs, several chunks per step for bytes in flight. Prefill is
+    # compute-bound: 128-256 wide tiles, one 128-code chunk per step, 3-4 stages.
+    _GEMM_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "KCH": kch}, num_warps=nw, num_stages=ns)
+        for bm, bn, kch, nw, ns in (
+            (16, 16, 4, 4, 3), (16, 32, 2, 4, 4), (16, 32, 4, 4, 3), (16, 64, 2, 4, 3), (16, 64, 1, 4, 4),
+            (32, 32, 2, 4, 3), (32, 64, 2, 4, 3), (64, 64, 1, 4, 3), (64, 64, 2, 4, 3), (64, 128, 1, 4, 3),
+            (128, 128, 1, 8, 3), (128, 128, 1, 4, 4), (64, 128, 1, 4, 4), (128, 256, 1, 8, 3), (256, 128, 1, 8, 3),
+        )
     ]
-    _small_m_tuned = triton.autotune(_SMALL_M_CONFIGS, key=["N", "K", "KW", "CPG", "BLOCK_M"])(_small_m_kernel)
+
+    def _prune_gemm(configs, named_args, **kwargs):
+        """Row tiles that fit the batch: the bucket's own size up to 64 rows, the 64-256 row tiles beyond."""
+        bucket = named_args["M_BUCKET"]
+        keep = [c for c in configs if (c.kwargs["BLOCK_M"] == bucket if bucket <= 64 else c.kwargs["BLOCK_M"] >= 64)]
+        return keep or configs
+
+    _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "KW", "CPG"],
+                                  prune_configs_by={"early_config_prune": _prune_gemm})(_gemm_kernel)
 
 
 def _gemv(x: torch.Tensor, layout: W4A16Layout, bias: torch.Tensor | None) -> torch.Tensor:
@@ -362,20 +377,21 @@ def _gemv(x: torch.Tensor, layout: W4A16Layout, bias: torch.Tensor | None) -> to
     return y
 
 
-def _small_m_gemm(x: torch.Tensor, layout: W4A16Layout, bias: torch.Tensor | None) -> torch.Tensor:
+def _gemm(x: torch.Tensor, layout: W4A16Layout, bias: torch.Tensor | None) -> torch.Tensor:
     (m, k), n = x.shape, layout.out_features
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    args = (x, layout.words, layout.scales, layout.zeros, y if bias is None else bias, y, m, n, layout.padded_rows, k)
+    bucket = max(16, triton.next_power_of_2(m)) if m <= 64 else 128
+    args = (x, layout.words, layout.scales, layout.zeros, y if bias is None else bias, y, m, n, layout.padded_rows, k,
+            bucket, NIBBLE_MASK)
     flags = dict(HAS_BIAS=bias is not None, KW=layout.chunk // 8, R=ROWS, CPG=layout.group_size // layout.chunk,
-                 BLOCK_M=block_m,
-                 MAGIC=SIXTEEN_BIT_MAGIC.get(x.dtype, (0, 0.0))[0], BASE=SIXTEEN_BIT_MAGIC.get(x.dtype, (0, 0.0))[1],
-                 UPCAST=use_fixed_config() and x.dtype == torch.bfloat16)
+                 EXACT=x.dtype == torch.float32, UPCAST=use_fixed_config() and x.dtype == torch.bfloat16)
     if use_fixed_config():
-        _small_m_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, 32))](*args, **flags, BLOCK_N=32)
+        bm = min(bucket, 64)
+        _gemm_kernel[(triton.cdiv(n, 32), triton.cdiv(m, bm))](*args, **flags, BLOCK_M=bm, BLOCK_N=32,
+                                                               KCH=1)
     else:
-        grid = lambda meta: (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-        _small_m_tuned[grid](*args, **flags)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
+        _gemm_tuned[grid](*args, **flags)
     return y
 
 

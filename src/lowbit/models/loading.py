@@ -2,12 +2,14 @@
 
 Local directories are read through safetensors only (``use_safetensors=True``): lowbit never unpickles a file a
 user hands it. GGUF files are dequantized by transformers into ordinary float weights. A directory written by
-``lowbit quantize`` carries a ``quantization.json``; its activation quantizers are attached again on load.
+``lowbit quantize`` carries a ``quantization.json``: a fake-quant one gets its activation quantizers attached again
+on load, a packed one (``--format packed``) is handed to ``lowbit.export.load_quantized`` whole.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QUANT_FILE = "quantization.json"  # what every lowbit output, fake-quant or packed, carries
 
 
 @dataclass
@@ -92,6 +95,28 @@ def _locate(model: str | Path | None) -> tuple[str, dict, str]:
     return text, {"use_safetensors": True}, f"{text} (hub)"
 
 
+def read_meta(directory: Path) -> dict | None:
+    """The parsed ``quantization.json`` of a lowbit output, or None where ``directory`` has none."""
+    path = directory / QUANT_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LowbitError(f"{path} is not valid JSON ({err}); the directory may be corrupt") from None
+    if not isinstance(meta, dict):
+        raise LowbitError(f"{path} is not a JSON object; the directory may be corrupt")
+    return meta
+
+
+def is_packed_dir(path: Path) -> bool:
+    """True for a directory written by ``lowbit.export.save_packed`` (its ``quantization.json`` says so)."""
+    from lowbit.export.packed import FORMAT
+
+    meta = read_meta(path) if path.is_dir() else None
+    return meta is not None and meta.get("format") == FORMAT
+
+
 def _from_pretrained(loader, name: str, kwargs: dict, what: str):
     try:
         return loader.from_pretrained(name, **kwargs)
@@ -108,10 +133,15 @@ def load_model(
     """Load ``model`` (None: the default SmolLM2) for inference in ``dtype`` on ``device``.
 
     The architecture is checked from the config before any weight is read, so an unsupported model fails fast.
+    A packed checkpoint is loaded by ``lowbit.export.load_quantized``: its linears keep their integer weights.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     name, kwargs, source = _locate(model)
+    if "use_safetensors" in kwargs and is_packed_dir(Path(name)):
+        from lowbit.export.load import load_quantized
+
+        return load_quantized(name, device=device, dtype=dtype)
     config = _from_pretrained(AutoConfig, name, {k: v for k, v in kwargs.items() if k == "gguf_file"}, "model config")
     adapter = adapter_for(config.model_type)
     torch_dtype = resolve_dtype(dtype, device)

@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.models.loading import LoadedModel
+from lowbit.models.loading import QUANT_FILE, LoadedModel, read_meta
 
-QUANT_FILE = "quantization.json"
 ONLINE_FILE = "online_transforms.safetensors"
 FORMAT = "lowbit-fake-quant"
 FORMAT_VERSION = 1
@@ -31,16 +32,32 @@ def _version() -> str:
     return __version__
 
 
-def save_quantized(
-    loaded: LoadedModel, config, output: str | Path, save_dtype: torch.dtype = torch.float16, overwrite: bool = False
-) -> Path:
-    """Save ``loaded`` (quantized with ``config``) to ``output``; refuses to replace a directory unless asked."""
+@contextmanager
+def atomic_output(output: str | Path, overwrite: bool) -> Iterator[Path]:
+    """A fresh temporary directory beside ``output`` to write into: renamed to ``output`` when the block ends (an
+    old ``output`` is deleted only once the new one is in place), removed if it raises. An existing ``output``
+    is refused on entry unless ``overwrite``."""
+    from lowbit.export.packed import _replace_atomically
+
     output = Path(output).expanduser()
     if output.exists() and not overwrite:
         raise LowbitError(f"output {output} already exists; choose another --output or pass --overwrite")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
+        yield tmp
+        _replace_atomically(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_quantized(
+    loaded: LoadedModel, config, output: str | Path, save_dtype: torch.dtype = torch.float16, overwrite: bool = False
+) -> Path:
+    """Save ``loaded`` (quantized with ``config``) to ``output``; refuses to replace a directory unless asked."""
+    output = Path(output).expanduser()
+    with atomic_output(output, overwrite) as tmp:
         state = {k: v.detach().to("cpu", save_dtype) for k, v in loaded.model.state_dict().items()}
         loaded.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         config_file = tmp / "config.json"
@@ -71,12 +88,6 @@ def save_quantized(
 
             write_log(loaded.calibration_log, tmp)
         (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 
@@ -114,13 +125,10 @@ def read_quantization(directory: Path):
     """Parse and check ``quantization.json``; returns (``QuantConfig``, online op names) or None if absent."""
     from lowbit.config import QuantConfig
 
-    path = directory / QUANT_FILE
-    if not path.is_file():
+    meta = read_meta(directory)
+    if meta is None:
         return None
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LowbitError(f"{path} is not valid JSON ({err}); the directory may be corrupt") from None
+    path = directory / QUANT_FILE
     if meta.get("format") != FORMAT:
         raise LowbitError(f"{path} has format {meta.get('format')!r}; this lowbit reads {FORMAT!r}")
     if meta.get("format_version", 0) > FORMAT_VERSION:

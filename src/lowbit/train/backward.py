@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.train.dispatch import int_matmul
-from lowbit.train.sampling import bit_split, sample_rows, stochastic_quantize
+from lowbit.train.sampling import SPLIT_BASE, bit_split, sample_rows, stochastic_quantize
 
 SAT_EPS = 1e-6
 
@@ -35,16 +35,57 @@ def split_rows(g: torch.Tensor, generator: torch.Generator | None) -> tuple[torc
     return bit_split(g, generator).stacked()
 
 
+def split_rows_with_norms(g: torch.Tensor, generator: torch.Generator | None):
+    """``split_rows`` plus the rows' squared norms: on the Triton backend one fused pass writing int8 rows (the
+    GEMM operand) and the norms; otherwise the reference split (norms None: computed where needed)."""
+    from lowbit.kernels.dispatch import backend_for
+
+    if g.dim() == 2 and backend_for(g) == "triton":
+        from lowbit.kernels.bitsplit import split_rows as fused_split
+
+        noise = torch.rand(g.shape, generator=generator, device=g.device, dtype=torch.float32)
+        fused = fused_split(g, noise, torch.int8)
+        n = g.shape[0]
+        weight = torch.cat([torch.full((n,), float(SPLIT_BASE), device=g.device),
+                            torch.ones(n, device=g.device)]) / fused.scale
+        return fused.rows, weight, fused.sq_norms
+    rows, weight = split_rows(g, generator)
+    return rows, weight, None
+
+
+def _gathered_rows_matmul(rows, b, index, count, row_scale):
+    """``row_scale * (rows[index] @ b.T)`` over the first ``count`` entries of ``index`` (zero rows past it).
+
+    The Triton INT8 GEMM reads the kept rows in place and skips tiles past the device-side count (no host sync);
+    the reference backend runs its exact reference."""
+    from lowbit.kernels.dispatch import backend_for
+    from lowbit.kernels.int_gemm import int8_matmul, int8_matmul_reference
+
+    fn = int8_matmul if backend_for(rows) == "triton" else int8_matmul_reference
+    return fn(_int8(rows), _int8(b), index=index, count=count, row_scale=row_scale)
+
+
+def _int8(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.int8 else x.to(torch.int8)
+
+
 def int4_grad_input(
     rows: torch.Tensor, weight: torch.Tensor, qw: torch.Tensor, ratio: float,
-    generator: torch.Generator | None, bits_w: int,
+    generator: torch.Generator | None, bits_w: int, sq_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Unbiased ``G qw`` (N x K) from the split rows of ``G`` (already carrying any per-column weight step)."""
+    """Unbiased ``G qw`` (N x K) from the split rows of ``G`` (already carrying any per-column weight step).
+
+    ``sq_norms``: the rows' squared norms if the fused split computed them (else computed here)."""
     n2 = rows.shape[0]
     n = n2 // 2
-    scores = weight * rows.norm(dim=1)
+    norms = sq_norms.sqrt() if sq_norms is not None else rows.float().norm(dim=1)
+    scores = weight * norms
     sample = sample_rows(scores, ratio, generator)
     out = torch.zeros(n, qw.shape[1], device=rows.device)
+    if sample.count is not None:  # padded sample (CUDA): one gathered GEMM, 1/p in its epilogue, no host sync
+        coef = weight[sample.index] * sample.inv_p
+        prod = _gathered_rows_matmul(rows, qw.T.contiguous(), sample.index, sample.count, coef)
+        return out.index_add_(0, sample.index % n, prod)
     if sample.index.numel() == 0:
         return out
     prod = int_matmul(rows[sample.index], qw.T.contiguous(), bits_a=4, bits_b=bits_w)
@@ -54,29 +95,49 @@ def int4_grad_input(
 
 def int4_grad_weight(
     rows: torch.Tensor, weight: torch.Tensor, qx: torch.Tensor, ratio: float,
-    generator: torch.Generator | None, bits_x: int,
+    generator: torch.Generator | None, bits_x: int, sq_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unbiased ``G^T qx`` (C x K) from the split rows of ``G`` (already carrying any per-token activation step)."""
     n = qx.shape[0]
     token = torch.arange(2 * n, device=rows.device) % n
-    scores = weight * rows.norm(dim=1) * qx.norm(dim=1)[token]
+    norms = sq_norms.sqrt() if sq_norms is not None else rows.float().norm(dim=1)
+    scores = weight * norms * qx.float().norm(dim=1)[token]
     sample = sample_rows(scores, ratio, generator)
     out = torch.zeros(rows.shape[1], qx.shape[1], device=rows.device)
-    if sample.index.numel() == 0:
-        return out
     idx, p = sample.index, sample.p_kept
-    saturated = p >= 1 - SAT_EPS
-    for part in (idx[saturated & (idx < n)], idx[saturated & (idx >= n)]):  # exact: hi rows, then lo rows
+    if sample.count is not None:
+        # padded sample: sort the kept rows into (saturated hi, saturated lo, sampled) and read the three group
+        # sizes with one small host copy; every gather below is then a plain slice
+        live = torch.arange(idx.shape[0], device=idx.device) < sample.count
+        group = torch.where(p >= 1 - SAT_EPS, (idx >= n).long(), 2)
+        group = torch.where(live, group, 3)
+        order = torch.argsort(group, stable=True)
+        idx, p = idx[order], p[order]
+        sizes = torch.stack([(group == i).sum() for i in range(3)]).tolist()  # the backward's one host sync
+        bounds = [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
+        parts = [idx[bounds[0]:bounds[1]], idx[bounds[1]:bounds[2]]]
+        sampled, p_sampled = idx[bounds[2]:bounds[3]], p[bounds[2]:bounds[3]]
+    else:
+        if idx.numel() == 0:
+            return out
+        saturated = p >= 1 - SAT_EPS
+        parts = [idx[saturated & (idx < n)], idx[saturated & (idx >= n)]]
+        sampled, p_sampled = idx[~saturated], p[~saturated]
+    for part, w in zip(parts, (weight[0], weight[-1])):  # exact: hi rows (14/s), then lo rows (1/s)
         if part.numel():
             prod = int_matmul(rows[part].T.contiguous(), qx[token[part]].T.contiguous(), bits_a=4, bits_b=bits_x)
-            out += (prod * weight[part[0]]).float()
-    sampled = idx[~saturated]
+            out += (prod * w).float()
     if sampled.numel():
-        x_tilde = qx[token[sampled]] * (weight[sampled] / p[~saturated])[:, None]
+        x_tilde = qx[token[sampled]].float() * (weight[sampled] / p_sampled)[:, None]
         q3 = stochastic_quantize(x_tilde, 4, generator)
-        prod = int_matmul(rows[sampled].T.contiguous(), q3.q.T.contiguous(), bits_a=4, bits_b=4)
+        prod = int_matmul(rows[sampled].T.contiguous(), _like(q3.q, rows).T.contiguous(), bits_a=4, bits_b=4)
         out += (prod / q3.scale).float()
     return out
+
+
+def _like(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Integer values in the GEMM operand dtype the other operand uses (one byte on the kernel paths)."""
+    return q if rows.dtype == torch.float32 else q.to(rows.dtype)
 
 
 def int8_grads(

@@ -97,8 +97,8 @@ class _QuantLinearFn(torch.autograd.Function):
         cfg, rot = state.config, state.rotation
         x_dtype, w_dtype, has_bias, has_act_step = ctx.meta
         qx_q, qx_step, qx_v, qw_q, qw_step, qw_v = ctx.saved_tensors
-        qx = Quantized(qx_q.float(), qx_step, qx_v if has_act_step else None)
-        qw = Quantized(qw_q.float(), qw_step, qw_v)
+        qx = Quantized(qx_q, qx_step, qx_v if has_act_step else None)
+        qw = Quantized(qw_q, qw_step, qw_v)
         need_sx = ctx.needs_input_grad[3]
         need_x = ctx.needs_input_grad[0] or need_sx  # the step's gradient needs the input-side estimate
         need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[4]
@@ -118,27 +118,35 @@ class _QuantLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_sx, grad_sw, None
 
 
+def _int_operand(q: torch.Tensor) -> torch.Tensor:
+    """The saved forward operand for the backward's GEMMs: float32 on the reference path, int8 on kernel paths
+    (float8 has few gather/transpose kernels; the INT4 values are exact in int8)."""
+    return q if q.dtype in (torch.float32, torch.int8) else q.to(torch.int8)
+
+
 def _grads_hadamard_domain(g, qx: Quantized, qw: Quantized, cfg: TrainQuantConfig, gen, need_x: bool, need_w: bool):
     """Estimates of ``G (sw qw)`` and ``G^T (sx qx)`` (Hadamard domain) with the configured backward."""
     sx, sw = qx.step, qw.step  # sx: 0-dim or (N, 1); sw: 0-dim or (C, 1)
     shared = sx.dim() == 0 and sw.dim() == 0
     if cfg.backward == "float":
-        gx = g @ (qw.q * sw) if need_x else None
-        gw = g.T @ (qx.q * sx) if need_w else None
+        gx = g @ (qw.q.float() * sw) if need_x else None
+        gw = g.T @ (qx.q.float() * sx) if need_w else None
         return gx, gw
     # Per-column weight steps lie along grad-input's reduction, per-token steps along grad-weight's: fold them in.
     g_in = g if shared else g * sw.reshape(1, -1)
     g_w = None if shared else g * sx
     epi_in, epi_w = (sw, sx) if shared else (1.0, 1.0)
     if cfg.backward == "int8":
-        gx, gw = bwd.int8_grads(g_in, g_w, qx.q, qw.q, gen, cfg.bits, need_x, need_w)
+        gx, gw = bwd.int8_grads(g_in, g_w, qx.q.float(), qw.q.float(), gen, cfg.bits, need_x, need_w)
         return (gx * epi_in if gx is not None else None), (gw * epi_w if gw is not None else None)
     if cfg.bits > 4:
         raise LowbitError(f"the int4 backward needs 4-bit forward operands, got bits={cfg.bits}; use backward='int8'")
-    rows_in, weight_in = bwd.split_rows(g_in, gen)
-    rows_w, weight_w = (rows_in, weight_in) if shared else bwd.split_rows(g_w, gen)
-    gx = bwd.int4_grad_input(rows_in, weight_in, qw.q, cfg.sampling_ratio, gen, cfg.bits) * epi_in if need_x else None
-    gw = bwd.int4_grad_weight(rows_w, weight_w, qx.q, cfg.sampling_ratio, gen, cfg.bits) * epi_w if need_w else None
+    xq, wq = _int_operand(qx.q), _int_operand(qw.q)
+    rows_in, weight_in, sq_in = bwd.split_rows_with_norms(g_in, gen)
+    rows_w, weight_w, sq_w = (rows_in, weight_in, sq_in) if shared else bwd.split_rows_with_norms(g_w, gen)
+    ratio = cfg.sampling_ratio
+    gx = bwd.int4_grad_input(rows_in, weight_in, wq, ratio, gen, cfg.bits, sq_in) * epi_in if need_x else None
+    gw = bwd.int4_grad_weight(rows_w, weight_w, xq, ratio, gen, cfg.bits, sq_w) * epi_w if need_w else None
     return gx, gw
 
 

@@ -65,14 +65,12 @@ def bit_split(g: torch.Tensor, generator: torch.Generator | None) -> BitSplit:
         fused = split_rows(g, noise)
         n = g.shape[0]
         return BitSplit(fused.rows[:n], fused.rows[n:], fused.scale, fused.rows)
-    g = g.float()
-    amax = g.abs().amax() if g.numel() else torch.zeros((), device=g.device)
-    scale = torch.where(amax > 0, SPLIT_RANGE / amax.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))
-    if not torch.isfinite(scale):  # max|g| tiny enough that 98/max overflows: treat as zero gradient
-        scale = torch.ones_like(amax)
-        g = torch.zeros_like(g)
-    t = (g * scale).clamp(-SPLIT_RANGE, SPLIT_RANGE)  # only float rounding can leave the range
-    hi = torch.round(t / SPLIT_BASE).clamp(-7, 7)
+    from lowbit.kernels.bitsplit import split_scale
+
+    # on the device, no host sync: a gradient so tiny that 98/max|g| overflows is treated as zero (gain 0)
+    scale, gain = split_scale(g)
+    t = (g.float() * gain).clamp(-SPLIT_RANGE, SPLIT_RANGE)  # only float rounding can leave the range
+    hi = torch.round(t / t.new_full((), float(SPLIT_BASE))).clamp(-7, 7)  # true division on CUDA too
     lo = stochastic_round(t - SPLIT_BASE * hi, generator).clamp(-7, 7)
     return BitSplit(hi, lo, scale)
 
@@ -89,9 +87,10 @@ def stochastic_quantize(g: torch.Tensor, bits: int, generator: torch.Generator |
     qmax = 2 ** (bits - 1) - 1
     g = g.float()
     amax = g.abs().amax() if g.numel() else torch.zeros((), device=g.device)
-    scale = torch.where(amax > 0, qmax / amax.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))
-    if not torch.isfinite(scale):
-        scale, g = torch.ones_like(amax), torch.zeros_like(g)
+    raw = qmax / amax.clamp_min(torch.finfo(torch.float32).tiny)
+    finite = torch.isfinite(raw)  # max|g| so tiny that qmax/max overflows: a zero gradient (no host sync)
+    scale = torch.where((amax > 0) & finite, raw, torch.ones_like(amax))
+    g = torch.where(finite, g, torch.zeros_like(g))
     q = stochastic_round((g * scale).clamp(-qmax, qmax), generator).clamp(-qmax, qmax)
     return QuantGrad(q, scale)
 
@@ -100,38 +99,41 @@ def waterfill(scores: torch.Tensor, target: float) -> torch.Tensor:
     """Keep probabilities ``p_i = min(1, c s_i)`` with ``sum p = min(target, #nonzero)``; zero scores get 0.
 
     Sorted descending, the first ``k`` rows saturate at 1 and ``c = (target - k) / sum_{j>=k} s_j``; ``k`` is the
-    smallest count for which the next row no longer saturates.
+    smallest count for which the next row no longer saturates. All on the device (sort, cumsum, argmax): no
+    host sync, so a CUDA training step never waits here.
     """
     s = scores.double().clamp_min(0)
     positive = s > 0
-    n_pos = int(positive.sum())
-    if n_pos == 0:
-        return torch.zeros_like(scores, dtype=torch.float32)
-    if target >= n_pos:
-        return positive.float()
-    s_sorted, _ = torch.sort(s, descending=True)
-    s_sorted = s_sorted[:n_pos]
+    n_pos = positive.sum()
+    s_sorted, _ = torch.sort(s, descending=True)  # zeros last
     tail = torch.flip(torch.cumsum(torch.flip(s_sorted, [0]), 0), [0])  # tail[k] = sum_{j >= k} s_j
-    k = torch.arange(n_pos, device=s.device, dtype=torch.float64)
-    c = (target - k) / tail
-    valid = (c > 0) & (c * s_sorted <= 1 + 1e-12)
-    first = int(torch.nonzero(valid)[0]) if bool(valid.any()) else n_pos - 1
-    p = (c[first] * s).clamp(max=1.0)
-    return p.float()
+    k = torch.arange(s.shape[0], device=s.device, dtype=torch.float64)
+    c = (target - k) / tail.clamp_min(torch.finfo(torch.float64).tiny)
+    valid = (k < n_pos) & (c > 0) & (c * s_sorted <= 1 + 1e-12)
+    first = torch.where(valid.any(), torch.argmax(valid.to(torch.uint8)), (n_pos - 1).clamp_min(0))
+    p = (c.gather(0, first.reshape(1)) * s).clamp(max=1.0)
+    return torch.where(n_pos <= target, positive.double(), p).float()
 
 
 class RowSample(NamedTuple):
-    """Kept row indices and the unbiasing factor ``1/p`` of each kept row."""
+    """Kept row indices and the unbiasing factor ``1/p`` of each kept row.
+
+    Compact (``count`` None): ``index`` holds exactly the kept rows. Padded (CUDA, no host sync): ``index`` is a
+    permutation of all rows with the kept ones first, ``count`` a device scalar saying how many are kept, and
+    ``inv_p`` / ``p_kept`` are 0 / 1 past it; consumers read only the first ``count`` entries."""
 
     index: torch.Tensor
     inv_p: torch.Tensor
     p_kept: torch.Tensor
+    count: torch.Tensor | None = None
 
 
-def sample_rows(scores: torch.Tensor, ratio: float, generator: torch.Generator | None) -> RowSample:
+def sample_rows(scores: torch.Tensor, ratio: float, generator: torch.Generator | None,
+                padded: bool | None = None) -> RowSample:
     """Bernoulli-keep rows with water-filled probabilities, expected count ``ratio * len(scores)``.
 
     ``ratio >= 1`` keeps every nonzero row with ``p = 1`` (sampling off; no random draw is made).
+    ``padded`` (default: on CUDA) returns the padded form (see ``RowSample``), which needs no host sync.
     """
     n = scores.shape[0]
     if ratio >= 1.0:
@@ -141,6 +143,11 @@ def sample_rows(scores: torch.Tensor, ratio: float, generator: torch.Generator |
         p = waterfill(scores, ratio * n)
         u = torch.rand(n, generator=generator, device=scores.device)
         keep = u < p
+    if padded if padded is not None else scores.is_cuda:
+        index = torch.argsort((~keep).to(torch.uint8), stable=True)  # kept rows first, in row order
+        kept = keep[index]
+        p_kept = torch.where(kept, p[index], torch.ones_like(p))
+        return RowSample(index, torch.where(kept, 1.0 / p_kept, torch.zeros_like(p)), p_kept, keep.sum())
     index = torch.nonzero(keep).reshape(-1)
     p_kept = p[index]
     return RowSample(index, 1.0 / p_kept, p_kept)
