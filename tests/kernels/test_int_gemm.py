@@ -2,7 +2,6 @@
 counts and epilogue scales; the whole 4-bit training layer on the kernel path equals the reference path."""
 
 import importlib
-import sys
 
 import pytest
 import torch
@@ -16,15 +15,9 @@ KERNEL_MODULES = ("lowbit.kernels.quantize", "lowbit.kernels.bitsplit", "lowbit.
 
 
 @pytest.fixture(scope="module")
-def device():
-    """CUDA when present; else the CPU with Triton's interpreter (read when a kernel is defined: reload them)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LOWBIT_KERNELS", "triton")
-        if not torch.cuda.is_available():
-            mp.setenv("TRITON_INTERPRET", "1")
-            for name in KERNEL_MODULES:
-                importlib.reload(importlib.import_module(name)) if name in sys.modules else importlib.import_module(name)
-        yield "cuda" if torch.cuda.is_available() else "cpu"
+def device(triton_path):
+    """CUDA when present; else the CPU with Triton's interpreter (see conftest.triton_path)."""
+    return triton_path(*KERNEL_MODULES)
 
 
 def _g():

@@ -2,7 +2,6 @@
 ``F.linear(x, weight.dequantize(x.dtype))`` on odd shapes, group sizes and dtypes (CPU interpreter or CUDA)."""
 
 import importlib
-import sys
 
 import pytest
 import torch
@@ -18,16 +17,11 @@ TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture(scope="module")
-def w4a16():
-    """The module on the Triton path: CUDA when present, else the CPU interpreter (read when kernels are defined)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LOWBIT_KERNELS", "triton")
-        mp.setenv("LOWBIT_AUTOTUNE", "0")  # one launch configuration per kernel; the LLaMA-shape tests tune
-        if not torch.cuda.is_available():
-            mp.setenv("TRITON_INTERPRET", "1")
-            for name in KERNEL_MODULES:
-                importlib.reload(importlib.import_module(name)) if name in sys.modules else importlib.import_module(name)
-        yield importlib.import_module("lowbit.kernels.w4a16")
+def w4a16(triton_path):
+    """The module on the Triton path: CUDA when present, else the CPU interpreter (see conftest.triton_path);
+    one launch configuration per kernel (the LLaMA-shape GPU tests tune)."""
+    triton_path(*KERNEL_MODULES, autotune=False)
+    return importlib.import_module("lowbit.kernels.w4a16")
 
 
 def _device():

@@ -2,7 +2,6 @@
 ``wxax_linear`` equals ``F.linear(fake_quantize(x), weight.dequantize())`` up to float32 epilogue rounding."""
 
 import importlib
-import sys
 
 import pytest
 import torch
@@ -17,16 +16,11 @@ EPILOGUE_TOL = 2e-5  # relative to sum |x_q| |w|: float32 rounding of the scales
 
 
 @pytest.fixture(scope="module")
-def w4a4():
-    """The module on the Triton path: CUDA when present, else the CPU interpreter (read when kernels are defined)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LOWBIT_KERNELS", "triton")
-        mp.setenv("LOWBIT_AUTOTUNE", "0")  # one launch configuration per kernel; the LLaMA-shape tests tune
-        if not torch.cuda.is_available():
-            mp.setenv("TRITON_INTERPRET", "1")
-            for name in KERNEL_MODULES:
-                importlib.reload(importlib.import_module(name)) if name in sys.modules else importlib.import_module(name)
-        yield importlib.import_module("lowbit.kernels.w4a4")
+def w4a4(triton_path):
+    """The module on the Triton path: CUDA when present, else the CPU interpreter (see conftest.triton_path);
+    one launch configuration per kernel (the LLaMA-shape GPU tests tune)."""
+    triton_path(*KERNEL_MODULES, autotune=False)
+    return importlib.import_module("lowbit.kernels.w4a4")
 
 
 def _device():
