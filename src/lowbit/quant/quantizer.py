@@ -107,11 +107,14 @@ def quantize(
     and to the clipping factors through the rounding.
     """
     g = _grouped(x.float(), spec)
+    # Divide by a device tensor, not a Python number: on CUDA torch turns ``t / 15`` into ``t * (1/15)``, one
+    # rounding away from true division, which the CPU and the kernels compute (a scale one ulp off flips codes).
+    qmax = torch.full((), float(spec.qmax), dtype=g.dtype, device=g.device)
     if spec.symmetric:
         amax = g.abs().amax(dim=-1, keepdim=True)
         if clip is not None:
             amax = amax * clip[0].reshape(-1, 1)
-        scale = (amax / spec.qmax).clamp(SCALE_MIN, SCALE_MAX)
+        scale = (amax / qmax).clamp(SCALE_MIN, SCALE_MAX)
         zero = None
     else:
         xmax = g.amax(dim=-1, keepdim=True)
@@ -119,7 +122,7 @@ def quantize(
         if clip is not None:
             xmax = xmax * clip[0].reshape(-1, 1)
             xmin = xmin * clip[1].reshape(-1, 1)
-        scale = ((xmax - xmin) / spec.qmax).clamp(SCALE_MIN, SCALE_MAX)
+        scale = ((xmax - xmin) / qmax).clamp(SCALE_MIN, SCALE_MAX)
         # No clamp on the zero point: in float32 it stays exact, and a constant row (range 0) then
         # round-trips exactly instead of saturating.
         zero = -xmin / scale
