@@ -167,7 +167,8 @@ def bench_layer_parts(tokens: int, width: int, iters: int) -> list[dict]:
     import lowbit.train.backward as bwd
     from lowbit.kernels.int_gemm import FP8
     from lowbit.train.dispatch import int_matmul_scaled
-    from lowbit.train.hq import Rotation, lsq_backward, rotate_quantize
+    from lowbit.kernels.lsq_inverse import lsq_backward_inverse
+    from lowbit.train.hq import Rotation, rotate_quantize
 
     x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(width, width, device="cuda") * 0.02
@@ -183,9 +184,10 @@ def bench_layer_parts(tokens: int, width: int, iters: int) -> list[dict]:
         "fwd: rotate+quantize W": lambda: rotate_quantize(w, rot, sw, 4, FP8),
         "fwd: FP8 GEMM + epilogue scale": lambda: int_matmul_scaled(qx.q, qw.q, qx.step * qw.step),
         "bwd: grad_y.float() + bit split + norms": lambda: bwd.split_rows_with_norms(g.float(), gen),
-        "bwd: grad-input (sample + gathered GEMM)": lambda: bwd.int4_grad_input(rows, weight, wq, 0.5, gen, 4, sq),
-        "bwd: grad-weight (sample + 3 GEMMs)": lambda: bwd.int4_grad_weight(rows, weight, xq, 0.5, gen, 4, sq),
-        "bwd: LSQ backward x + inverse Hadamard": lambda: rot.inverse(lsq_backward(gxh, qx, -8, 7)[0]),
+        "bwd: grad-input (sample + gathered GEMM, scattered)": lambda: bwd.int4_grad_input(rows, weight, wq, 0.5, gen, 4, sq),
+        "bwd: grad-weight (sample + one K-gathered GEMM)": lambda: bwd.int4_grad_weight(rows, weight, xq, 0.5, gen, 4, sq),
+        "bwd: LSQ backward x + inverse Hadamard (fused)": lambda: lsq_backward_inverse(gxh, qx.v, qx.step, 32, None, 0,
+                                                                                     -8, 7),
     }
     return [{"bench": "layer_part", "path": name, "shape": f"{tokens}x{width}x{width}",
              "ms": round(median_ms(fn, iters), 4)} for name, fn in parts.items()]

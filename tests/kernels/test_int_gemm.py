@@ -11,7 +11,8 @@ from lowbit.errors import LowbitError
 from lowbit.train.config import TrainQuantConfig
 from lowbit.train.dispatch import int_matmul, int_matmul_reference, int_matmul_scaled
 
-KERNEL_MODULES = ("lowbit.kernels.quantize", "lowbit.kernels.bitsplit", "lowbit.kernels.int_gemm")
+KERNEL_MODULES = ("lowbit.kernels.quantize", "lowbit.kernels.bitsplit", "lowbit.kernels.int_gemm",
+                  "lowbit.kernels.sampled_gemm", "lowbit.kernels.lsq_inverse")
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +182,66 @@ def test_padded_sync_free_backward_equals_compact(device, monkeypatch, ratio):
     for compact, padded in zip(results[False], results[True]):
         assert torch.equal(compact, padded)
     assert results[True][0].abs().sum() > 0 and results[True][1].abs().sum() > 0
+
+
+def test_int8_gemm_scatter_into_equals_reference(device):
+    """Kept rows added straight into their token's output row (at most two per row): equal to ``index_add_``."""
+    g = _g()
+    a, b = _ints((2 * 21, 96), 4, 5, device).to(torch.int8), _ints((40, 96), 4, 6, device).to(torch.int8)
+    gen = torch.Generator().manual_seed(1)
+    index = torch.randperm(42, generator=gen).to(device)
+    rs = (torch.rand(42, generator=gen) * 3).to(device)
+    for count in (torch.tensor(17, device=device), torch.tensor(42, device=device), None):
+        got = g.int8_matmul(a, b, index=index, count=count, row_scale=rs, scatter_into=torch.zeros(21, 40, device=device))
+        want = g.int8_matmul_reference(a.cpu(), b.cpu(), index=index.cpu(), row_scale=rs.cpu(),
+                                       count=None if count is None else count.cpu(), scatter_into=torch.zeros(21, 40))
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5, 0.25])
+@pytest.mark.parametrize("padded", [False, True])
+def test_sampled_backward_kernels_equal_reference(device, monkeypatch, ratio, padded):
+    """Grad-weight as one GEMM gathering along its reduction (re-quantizing the sampled rows in its loads) and
+    grad-input scattered from the gathered GEMM equal the reference backend's products bit for bit."""
+    import lowbit.train.backward as bwd
+    from lowbit.train.sampling import sample_rows
+
+    monkeypatch.setattr(bwd, "sample_rows", lambda s, r, g, padded=padded: sample_rows(s, r, g, padded=padded))
+    grad, qw, qx = bwd.heavy_tailed_problem(11, n=70, c=40, k=72)
+    grad = grad * torch.logspace(-3, 1, 40)  # uneven columns: some weights far from 1
+    results = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("LOWBIT_KERNELS", backend)
+        gen = torch.Generator(device=device).manual_seed(4)
+        rows, weight, sq = bwd.split_rows_with_norms(grad.to(device), gen)
+        gi = bwd.int4_grad_input(rows, weight, qw.to(device, torch.int8), ratio, gen, 4, sq)
+        gw = bwd.int4_grad_weight(rows, weight, qx.to(device, torch.int8), ratio, gen, 4, sq)
+        results[backend] = (gi.cpu(), gw.cpu())
+    for got, want in zip(*results.values()):
+        assert torch.equal(got, want)
+    assert results["triton"][1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("block,pad,signs,per_row", [(32, 0, False, False), (64, 24, True, True), (0, 0, False, True),
+                                                      (256, 0, True, False)])
+def test_fused_lsq_backward_inverse_equals_reference(device, block, pad, signs, per_row):
+    """LSQ's backward and the inverse Hadamard in one pass equal ``lsq_backward`` + ``Rotation.inverse`` bit for
+    bit: the input gradient, and the step gradient (ties at half-integers and values outside the grid included)."""
+    from lowbit.kernels.lsq_inverse import lsq_backward_inverse
+    from lowbit.kernels.quantize import hadamard_rotate_reference
+    from lowbit.quant.hadamard import random_signs
+    from lowbit.train.hq import Quantized, lsq_backward
+
+    gen = torch.Generator().manual_seed(block + pad)
+    m, k = 19, max(block, 1) * 3 if block else 80
+    grad = torch.randn(m, k, generator=gen) * 3
+    v = torch.randn(m, k, generator=gen) * 6
+    v[:, ::7] = torch.randint(-20, 20, (m, len(range(0, k, 7))), generator=gen) / 2  # ties and edges
+    step = torch.rand(m, 1, generator=gen) + 0.1 if per_row else torch.tensor(0.07)
+    grad, v, step = grad.to(device), v.to(device), step.to(device)  # the reference sums on the same device
+    sgn = random_signs(k, 3, device) if signs else None
+    numel = None if per_row else 1234.0
+    want_g, want_s = lsq_backward(grad, Quantized(torch.zeros_like(v), step, v), -8, 7, numel)
+    want_x = hadamard_rotate_reference(want_g, block, sgn, pad, inverse=True)  # = the fused rotation (test_quantize)
+    got_x, got_s = lsq_backward_inverse(grad, v, step, block, sgn, pad, -8, 7, numel)
+    assert torch.equal(got_x, want_x) and torch.equal(got_s, want_s)

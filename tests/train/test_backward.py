@@ -18,6 +18,7 @@ from lowbit.train.sampling import RowSample, sample_rows
 
 DRAWS = 300
 BOUND = 1.5
+SCALAR_BOUND = 6.63  # one element: z is chi-square with 1 dof when unbiased (its 99% quantile); 1.5 fails 22%
 
 
 def z_statistic(draws: torch.Tensor, exact: torch.Tensor) -> float:
@@ -64,8 +65,8 @@ def test_grad_weight_is_unbiased(ratio, monkeypatch):
     grad, _, qx = bwd.heavy_tailed_problem(1)
     exact = grad.T @ qx
     calls = []
-    real_sq = bwd.stochastic_quantize
-    monkeypatch.setattr(bwd, "stochastic_quantize", lambda *a: calls.append(1) or real_sq(*a))
+    real_rq = bwd.requantize_rows
+    monkeypatch.setattr(bwd, "requantize_rows", lambda *a: calls.append(1) or real_rq(*a))
     assert z_statistic(_draw_weight(grad, qx, ratio, 2), exact) < BOUND
     if ratio < 1:
         assert calls  # the re-quantized (p < 1) path really ran
@@ -123,6 +124,6 @@ def test_full_layer_gradients_are_unbiased(granularity):
     draws = [_layer_grads(layer, x, target) for _ in range(200)]
     for name, value in exact.items():
         stacked = torch.stack([d[name] for d in draws]).reshape(len(draws), -1)
-        assert z_statistic(stacked, value.reshape(-1)) < BOUND, name
+        assert z_statistic(stacked, value.reshape(-1)) < (BOUND if value.numel() > 1 else SCALAR_BOUND), name
     # bias gradient is exact (float)
     assert torch.allclose(layer.bias.grad, exact_layer.bias.grad, atol=1e-5)

@@ -9,7 +9,8 @@ The H100 has no INT4 tensor cores, but INT4 values (and 5-bit ones) are exact in
   dequantizing scale is applied in cuBLAS's epilogue (``alpha = scale``).
 - ``int8_matmul``: a Triton INT8 GEMM (int32 accumulation, exact while ``K * 2^(ba-1) * 2^(bb-1) < 2^31``) with
   an optional row gather (leverage-score sampling's kept rows, read in place, with a device-side row count so no
-  host sync is needed and tiles past the count do no work) and row/column dequantizing scales in its epilogue.
+  host sync is needed and tiles past the count do no work) and row/column dequantizing scales in its epilogue;
+  it can add its rows straight into ``out[index % P]`` (grad-input's tokens) instead of writing them.
   It runs on the CPU under ``TRITON_INTERPRET=1``, which is how the CPU tests check it.
 
 ``int_matmul_kernel`` is what ``lowbit.train.dispatch`` plugs in: it returns what ``int_matmul_reference``
@@ -89,11 +90,12 @@ def fp8_matmul(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None = No
 if triton is not None:
 
     @triton.jit
-    def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, index_ptr, count_ptr, rs_ptr, cs_ptr, M, N, K,
+    def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, index_ptr, count_ptr, rs_ptr, cs_ptr, M, N, K, scatter_mod,
                           stride_am, stride_bn, stride_cm, stride_rs, stride_cs,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                           GATHER: tl.constexpr, HAS_COUNT: tl.constexpr, ROW_SCALE: tl.constexpr,
-                          COL_SCALE: tl.constexpr, SCALE_FIRST: tl.constexpr, OUT_INT: tl.constexpr):
+                          COL_SCALE: tl.constexpr, SCALE_FIRST: tl.constexpr, OUT_INT: tl.constexpr,
+                          SCATTER: tl.constexpr):
         pid = tl.program_id(0)
         grid_m, grid_n = (M + BM - 1) // BM, (N + BN - 1) // BN
         group = pid // (GROUP_M * grid_n)  # grouped ordering: neighbouring programs share A tiles in L2
@@ -135,7 +137,12 @@ if triton is not None:
                     y = y * tl.load(rs_ptr + rows * stride_rs, mask=rows < M, other=0.0)[:, None]
                 if COL_SCALE:
                     y = y * tl.load(cs_ptr + cols * stride_cs, mask=cols < N, other=0.0)[None, :]
-            tl.store(c_ptr + offs, y, mask=out_mask)
+            if SCATTER:  # add row i into output row index[i] mod scatter_mod (live rows only)
+                dst = (src % scatter_mod).to(tl.int64)
+                tl.atomic_add(c_ptr + dst[:, None] * stride_cm + cols[None, :], y,
+                              mask=out_mask & row_ok[:, None], sem="relaxed")
+            else:
+                tl.store(c_ptr + offs, y, mask=out_mask)
 
 
 def _vector(scale: torch.Tensor | None, length: int, what: str) -> tuple[torch.Tensor | None, int]:
@@ -152,13 +159,17 @@ def _vector(scale: torch.Tensor | None, length: int, what: str) -> tuple[torch.T
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, *, index: torch.Tensor | None = None,
                 count: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
-                col_scale: torch.Tensor | None = None, scale_first: bool = False) -> torch.Tensor:
+                col_scale: torch.Tensor | None = None, scale_first: bool = False,
+                scatter_into: torch.Tensor | None = None) -> torch.Tensor:
     """``(a[index] @ b.T)`` with int32 accumulation; int32 result, or float32 ``acc * row_scale * col_scale``.
 
     ``a`` (R x K) and ``b`` (N x K) hold integers in int8 range (any dtype; cast to int8). ``index`` gathers the
     rows of ``a`` (M of them; default all R); ``count`` (a device tensor) says how many of them are live: rows
     at or past it come out zero and their tiles do no work. Scales have 1 or M (rows) / N (columns) elements;
     ``scale_first`` multiplies ``acc * (row_scale * col_scale)`` instead of ``(acc * row_scale) * col_scale``.
+    ``scatter_into`` (float32, P x N, with ``index``): instead of returning the M x N rows, add each live row ``i``
+    into ``scatter_into[index[i] % P]`` (atomically; exact where each output row gets at most two rows, as
+    float addition of two terms onto zero is order-free) and return ``scatter_into``.
     """
     if triton is None:
         raise LowbitError("int8_matmul needs triton; install it or use lowbit.train.dispatch.int_matmul_reference")
@@ -173,7 +184,12 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, *, index: torch.Tensor | None 
     rs, rs_stride = _vector(row_scale, m, "row_scale")
     cs, cs_stride = _vector(col_scale, n, "col_scale")
     out_int = rs is None and cs is None
-    out = torch.empty(m, n, device=a.device, dtype=torch.int32 if out_int else torch.float32)
+    scatter = scatter_into is not None
+    if scatter and (index is None or out_int or scatter_into.dtype != torch.float32
+                    or scatter_into.shape[1] != n or scatter_into.stride(1) != 1):
+        raise LowbitError("scatter_into needs index, a scale, and a float32 (P x N) row-major output")
+    out = scatter_into if scatter else torch.empty(m, n, device=a.device,
+                                                      dtype=torch.int32 if out_int else torch.float32)
     if m == 0 or n == 0:
         return out
     gpu = a.is_cuda
@@ -183,17 +199,25 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, *, index: torch.Tensor | None 
     _int8_gemm_kernel[grid](
         a8, b8, out, index if index is not None else dummy, count if count is not None else dummy,
         rs if rs is not None else dummy, cs if cs is not None else dummy, m, n, k,
+        out.shape[0] if scatter else 1,
         a8.stride(0), b8.stride(0), out.stride(0), rs_stride, cs_stride,
         BM=bm, BN=bn, BK=bk, GROUP_M=8, GATHER=index is not None, HAS_COUNT=count is not None,
         ROW_SCALE=rs is not None, COL_SCALE=cs is not None, SCALE_FIRST=scale_first, OUT_INT=out_int,
+        SCATTER=scatter,
         **({"num_warps": 8, "num_stages": 3} if gpu else {"num_warps": 1}))
     return out
 
 
 def int8_matmul_reference(a: torch.Tensor, b: torch.Tensor, *, index: torch.Tensor | None = None,
                           count: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
-                          col_scale: torch.Tensor | None = None, scale_first: bool = False) -> torch.Tensor:
-    """What ``int8_matmul`` computes, in int64 then the same float32 epilogue."""
+                          col_scale: torch.Tensor | None = None, scale_first: bool = False,
+                          scatter_into: torch.Tensor | None = None) -> torch.Tensor:
+    """What ``int8_matmul`` computes, in int64 then the same float32 epilogue (and ``index_add_`` to scatter)."""
+    if scatter_into is not None:
+        y = int8_matmul_reference(a, b, index=index, count=count, row_scale=row_scale, col_scale=col_scale,
+                                  scale_first=scale_first)
+        live = index.shape[0] if count is None else int(count)
+        return scatter_into.index_add_(0, index[:live] % scatter_into.shape[0], y[:live])
     rows = a if index is None else a[index.long()]
     if rows.is_cuda:  # CUDA has no int64 matmul; float64 is exact below 2^53, far above any int8 x int8 sum here
         acc = (rows.double() @ b.double().T).long()

@@ -7,7 +7,7 @@ rounding: the kernels accumulate in float32 and keep 16-bit scales when x is 16-
 - M == 1 (decode), a GEMV on CUDA cores: one shift and one mask-or per weight put the nibble c in the top
   mantissa bits of 1.0, giving 1 + c/16 exactly; one FMA per weight accumulates it against x, and per group
   sum (c - z) x = 16 sum (1 + c/16) x - (16 + z) sum x removes the 1 (cancelling ~4 of float32's 24 bits).
-  Each thread loads the words of 8 rows at one K position, so an activation is loaded once for 8 rows.
+  It lives in ``w4a16_gemv`` (split over N and K to fill every SM, 16-byte loads, deterministic two-pass split-K).
 - M >= 2, one tiled GEMM for decode batches and prefill alike: each weight tile is read packed and dequantized in
   registers with the GEMV's trick (1 + c/16 from a shift and a mask-or, then one FMA with 16 s and -(16 + z) s;
   float32 activations use (c - z) s rounded once, as ``weight.dequantize`` does), cast to x.dtype and fed to
@@ -25,7 +25,9 @@ is exact in it, else float32. Weights of other widths, or group sizes not divisi
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,10 @@ import torch.nn.functional as F
 from lowbit.errors import LowbitError
 from lowbit.kernels.dispatch import backend_for, interpreting
 from lowbit.kernels.weights import PackedWeight
+
+if "lowbit.kernels.w4a16_gemv" in sys.modules:  # this module is being reloaded (tests turn the interpreter on):
+    importlib.reload(sys.modules["lowbit.kernels.w4a16_gemv"])  # define the GEMV's kernels again as well
+from lowbit.kernels import w4a16_gemv  # noqa: E402
 
 try:
     import triton
@@ -88,7 +94,7 @@ def w4a16_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | Non
     if m == 0:
         y = x2.new_empty((0, weight.out_features))
     elif m <= GEMV_MAX_ROWS:
-        y = _gemv(x2, layout, b)
+        y = w4a16_gemv.gemv(x2, layout, b)
     elif m <= FUSED_GEMM_MAX_ROWS:
         y = _gemm(x2, layout, b)
     else:  # measured on the H100: dequantize + cuBLAS is 0.8-0.95x bf16 at M >= 2048, the fused GEMM only 0.1x
@@ -218,55 +224,6 @@ if triton is not None:
         return (rows // R) * (K // 8 * R) + pos * R + rows % R
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, NP, K, NIBBLE_MASK, HAS_BIAS: tl.constexpr,
-                     KW: tl.constexpr, R: tl.constexpr, CPG: tl.constexpr, BLOCK_N: tl.constexpr,
-                     CHUNKS: tl.constexpr, HALVES: tl.constexpr):
-        # Tile (HALVES, row groups, chunks, words of a chunk, rows of a group). A thread loads the R words of one
-        # position at once (16 bytes) and holds both halves, so each activation it loads serves HALVES * R rows.
-        # Out-of-range chunks and row groups are clamped (no masks in the loop); their scale is loaded as 0.
-        C: tl.constexpr = 8 * KW
-        BNB: tl.constexpr = BLOCK_N // (R * HALVES)
-        h = tl.arange(0, HALVES)
-        nb = tl.arange(0, BNB)
-        u = tl.arange(0, CHUNKS)
-        j = tl.arange(0, KW)
-        r = tl.arange(0, R)
-        n_chunks = K // C
-        grp = tl.program_id(0) * (HALVES * BNB) + h[:, None] * BNB + nb[None, :]  # (H, BNB) row groups
-        grp_in = grp < NP // R
-        grp_c = tl.minimum(grp, NP // R - 1)
-        w_rows = w_ptr + grp_c[:, :, None, None, None] * (K // 8 * R) + r[None, None, None, None, :]
-        pos = (u[:, None] * KW + j[None, :])[None, None, :, :, None]
-        w = tl.load(w_rows + tl.minimum(pos, K // 8 - 1) * R)
-        rows = (grp[:, :, None] * R + r[None, None, :])[:, :, None, :]  # (H, BNB, 1, R)
-        acc = tl.full((HALVES, BNB, CHUNKS, KW, R), 0, tl.float32)
-        for c0 in range(0, n_chunks, CHUNKS):
-            chunk = c0 + u
-            chunk_c = tl.minimum(chunk, n_chunks - 1)
-            # prefetch the next tile of words while this one is dequantized (registers as a second buffer)
-            nxt = tl.minimum(chunk + CHUNKS, n_chunks - 1)
-            w_next = tl.load(w_rows + (nxt[:, None] * KW + j[None, :])[None, None, :, :, None] * R)
-            meta = (chunk_c // CPG)[None, None, :, None] * NP + rows  # (H, BNB, CHUNKS, R)
-            meta_ok = grp_in[:, :, None, None] & (chunk < n_chunks)[None, None, :, None]
-            s = tl.load(s_ptr + meta, mask=meta_ok, other=0).to(tl.float32)[:, :, :, None, :]
-            z = tl.load(z_ptr + meta, mask=meta_ok, other=0).to(tl.float32)[:, :, :, None, :]
-            x_ptrs = x_ptr + chunk_c[:, None] * C + j[None, :]
-            part = tl.full((HALVES, BNB, CHUNKS, KW, R), 0, tl.float32)
-            x_sum = tl.full((CHUNKS, KW), 0, tl.float32)
-            for i in tl.static_range(8):
-                xi = tl.load(x_ptrs + i * KW).to(tl.float32)
-                part += _unit_code(w, NIBBLE_MASK, i) * xi[None, None, :, :, None]
-                x_sum += xi
-            # sum (c - z) x = 16 sum (1 + c/16) x - (16 + z) sum x; the cancellation costs ~4 bits of 24
-            acc += s * (16.0 * part - (z + 16.0) * x_sum[None, None, :, :, None])
-            w = w_next
-        y = tl.reshape(tl.reduce(tl.reduce(acc, 3, _SUM), 2, _SUM), (BLOCK_N,))
-        out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + out_rows, mask=out_rows < N, other=0).to(tl.float32)
-        tl.store(y_ptr + out_rows, y.to(y_ptr.dtype.element_ty), mask=out_rows < N)
-
-    @triton.jit
     def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, NP, K, M_BUCKET, NIBBLE_MASK,
                      HAS_BIAS: tl.constexpr, KW: tl.constexpr, R: tl.constexpr, CPG: tl.constexpr,
                      EXACT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -336,11 +293,6 @@ if triton is not None:
                 code = _nibble(high, i - 3)
             tl.store(out + i * KW, ((code - z) * s).to(out_ptr.dtype.element_ty), mask=ok[:, :, None])
 
-    _GEMV_CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "CHUNKS": ch}, num_warps=nw)
-        for bn, ch, nw in ((8, 8, 2), (16, 4, 4), (16, 8, 4), (16, 8, 8), (32, 4, 4), (32, 8, 8), (64, 4, 8))
-    ]
-    _gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K", "KW", "CPG"])(_gemv_kernel)
     # (BLOCK_M rows of x, BLOCK_N weight rows, KCH chunks per step, warps, stages). Decode batches (M <= 64) are
     # memory-bound: narrow weight tiles for many CTAs, several chunks per step for bytes in flight. Prefill is
     # compute-bound: 128-256 wide tiles, one 128-code chunk per step, 3-4 stages.
@@ -361,20 +313,6 @@ if triton is not None:
 
     _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "KW", "CPG"],
                                   prune_configs_by={"early_config_prune": _prune_gemm})(_gemm_kernel)
-
-
-def _gemv(x: torch.Tensor, layout: W4A16Layout, bias: torch.Tensor | None) -> torch.Tensor:
-    n, k = layout.out_features, layout.in_features
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    args = (x, layout.words, layout.scales, layout.zeros, y if bias is None else bias, y, n, layout.padded_rows, k,
-            NIBBLE_MASK)
-    flags = dict(HAS_BIAS=bias is not None, KW=layout.chunk // 8, R=ROWS, CPG=layout.group_size // layout.chunk,
-                 HALVES=2)
-    if use_fixed_config():
-        _gemv_kernel[(triton.cdiv(n, 16),)](*args, **flags, BLOCK_N=16, CHUNKS=2)
-    else:
-        _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
-    return y
 
 
 def _gemm(x: torch.Tensor, layout: W4A16Layout, bias: torch.Tensor | None) -> torch.Tensor:

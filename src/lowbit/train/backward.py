@@ -18,13 +18,18 @@ kept rows by ``1/p_i``.
   scale (water-filling bounds ``||x~_i|| <= 1/(c ||row_i||)``, so the range stays tame). Scores:
   ``w_i ||row_i|| ||qx_i||``. Unbiased: the stochastic rounding is unbiased given the sample, the sample is
   unbiased given the split, the split is unbiased for ``G``. The price is extra variance on sampled rows only.
+  The rounding noise is one 2N x K draw indexed by row (a shape the sample does not decide: no host sync).
+
+On the Triton backend nothing here waits for the host: grad-input's gathered GEMM scatters its rows into the
+output, grad-weight is one GEMM gathering the kept rows along its reduction (``lowbit.kernels.sampled_gemm``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from lowbit.train.dispatch import int_matmul
+from lowbit.kernels.int_gemm import product_bound
+from lowbit.train.dispatch import FP32_EXACT, int_matmul
 from lowbit.train.sampling import SPLIT_BASE, bit_split, sample_rows, stochastic_quantize
 
 SAT_EPS = 1e-6
@@ -53,16 +58,10 @@ def split_rows_with_norms(g: torch.Tensor, generator: torch.Generator | None):
     return rows, weight, None
 
 
-def _gathered_rows_matmul(rows, b, index, count, row_scale):
-    """``row_scale * (rows[index] @ b.T)`` over the first ``count`` entries of ``index`` (zero rows past it).
-
-    The Triton INT8 GEMM reads the kept rows in place and skips tiles past the device-side count (no host sync);
-    the reference backend runs its exact reference."""
+def _kernel_backend(x: torch.Tensor) -> bool:
     from lowbit.kernels.dispatch import backend_for
-    from lowbit.kernels.int_gemm import int8_matmul, int8_matmul_reference
 
-    fn = int8_matmul if backend_for(rows) == "triton" else int8_matmul_reference
-    return fn(_int8(rows), _int8(b), index=index, count=count, row_scale=row_scale)
+    return backend_for(x) == "triton"
 
 
 def _int8(x: torch.Tensor) -> torch.Tensor:
@@ -82,10 +81,15 @@ def int4_grad_input(
     scores = weight * norms
     sample = sample_rows(scores, ratio, generator)
     out = torch.zeros(n, qw.shape[1], device=rows.device)
-    if sample.count is not None:  # padded sample (CUDA): one gathered GEMM, 1/p in its epilogue, no host sync
+    if sample.count is not None:
+        # padded sample (CUDA): one gathered GEMM over the kept rows (device-side count, no host sync), 1/p in its
+        # epilogue, each row added straight into its token's output row (at most two rows per token: exact)
+        from lowbit.kernels.int_gemm import int8_matmul, int8_matmul_reference
+
         coef = weight[sample.index] * sample.inv_p
-        prod = _gathered_rows_matmul(rows, qw.T.contiguous(), sample.index, sample.count, coef)
-        return out.index_add_(0, sample.index % n, prod)
+        fn = int8_matmul if _kernel_backend(rows) else int8_matmul_reference
+        return fn(_int8(rows), _int8(qw.T.contiguous()), index=sample.index, count=sample.count, row_scale=coef,
+                  scatter_into=out)
     if sample.index.numel() == 0:
         return out
     prod = int_matmul(rows[sample.index], qw.T.contiguous(), bits_a=4, bits_b=bits_w)
@@ -93,45 +97,77 @@ def int4_grad_input(
     return out.index_add_(0, sample.index % n, (prod * coef[:, None]).float())
 
 
+def _row_norms(q: torch.Tensor) -> torch.Tensor:
+    """Row norms of an integer matrix, as ``q.float().norm(dim=1)`` gives them (exact squared sums below 2^24)."""
+    if q.dtype == torch.float32:
+        return q.norm(dim=1)
+    return torch.linalg.vector_norm(q.to(torch.float16), dim=1, dtype=torch.float32)  # |q| <= 128: exact in half
+
+
+def requantize_scale(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stochastic_quantize``'s 4-bit scale for ``max|x~| = amax``, and the gain ``x~`` is multiplied by (0 where
+    the scale overflows: the reference then zeroes ``x~``); on the device."""
+    raw = 7.0 / amax.clamp_min(torch.finfo(torch.float32).tiny)
+    finite = torch.isfinite(raw)
+    scale = torch.where((amax > 0) & finite, raw, torch.ones_like(amax))
+    return scale, torch.where(finite, scale, torch.zeros_like(scale))
+
+
+def requantize_rows(x: torch.Tensor, f: torch.Tensor, gain: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Sampled rows' ``x~ = x f`` (f per row) stochastically rounded to INT4 with ``noise`` (float32 integers)."""
+    t = ((x.float() * f[:, None]) * gain).clamp(-7, 7)
+    return torch.floor(t + noise).clamp(-7, 7)
+
+
 def int4_grad_weight(
     rows: torch.Tensor, weight: torch.Tensor, qx: torch.Tensor, ratio: float,
     generator: torch.Generator | None, bits_x: int, sq_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Unbiased ``G^T qx`` (C x K) from the split rows of ``G`` (already carrying any per-token activation step)."""
-    n = qx.shape[0]
+    """Unbiased ``G^T qx`` (C x K) from the split rows of ``G`` (already carrying any per-token activation step).
+
+    The kept rows are sorted (on the device) into saturated hi rows, saturated lo rows and sampled rows; the
+    sampled rows' re-quantization draws one 2N x K noise tensor (indexed by row, so the order of the kept rows
+    does not matter) whenever sampling is on. On the Triton backend one GEMM gathers the kept rows along its
+    reduction (``lowbit.kernels.sampled_gemm``), with no host sync; the reference runs three products."""
+    n, k = qx.shape
     token = torch.arange(2 * n, device=rows.device) % n
     norms = sq_norms.sqrt() if sq_norms is not None else rows.float().norm(dim=1)
-    scores = weight * norms * qx.float().norm(dim=1)[token]
+    scores = weight * norms * _row_norms(qx)[token]
     sample = sample_rows(scores, ratio, generator)
-    out = torch.zeros(rows.shape[1], qx.shape[1], device=rows.device)
     idx, p = sample.index, sample.p_kept
-    if sample.count is not None:
-        # padded sample: sort the kept rows into (saturated hi, saturated lo, sampled) and read the three group
-        # sizes with one small host copy; every gather below is then a plain slice
-        live = torch.arange(idx.shape[0], device=idx.device) < sample.count
-        group = torch.where(p >= 1 - SAT_EPS, (idx >= n).long(), 2)
-        group = torch.where(live, group, 3)
-        order = torch.argsort(group, stable=True)
-        idx, p = idx[order], p[order]
-        sizes = torch.stack([(group == i).sum() for i in range(3)]).tolist()  # the backward's one host sync
-        bounds = [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
-        parts = [idx[bounds[0]:bounds[1]], idx[bounds[1]:bounds[2]]]
-        sampled, p_sampled = idx[bounds[2]:bounds[3]], p[bounds[2]:bounds[3]]
-    else:
-        if idx.numel() == 0:
-            return out
-        saturated = p >= 1 - SAT_EPS
-        parts = [idx[saturated & (idx < n)], idx[saturated & (idx >= n)]]
-        sampled, p_sampled = idx[~saturated], p[~saturated]
-    for part, w in zip(parts, (weight[0], weight[-1])):  # exact: hi rows (14/s), then lo rows (1/s)
+    group = torch.where(p >= 1 - SAT_EPS, (idx >= n).long(), 2)
+    if sample.count is not None:  # padded: entries past the count go last
+        group = torch.where(torch.arange(idx.shape[0], device=idx.device) < sample.count, group, 3)
+    order = torch.argsort(group, stable=True)  # kept rows keep their row order within each group
+    idx, p, group = idx[order], p[order], group[order]
+    ends = torch.stack([(group == i).sum() for i in range(3)]).cumsum(0)
+    w = torch.stack([weight[0], weight[-1]])  # hi rows weigh 14/s, lo rows 1/s
+    noise = f = gain = scale = None
+    if ratio < 1:
+        f = torch.where(group == 2, weight[idx] / p, torch.zeros_like(p))
+        amax = (f * qx.abs().amax(dim=1).float()[token[idx]]).amax() if idx.numel() else f.new_zeros(())
+        scale, gain = requantize_scale(amax)  # max |qx f| over the sampled rows = max_i (max_k |qx_ik|) f_i
+        noise = torch.rand(2 * n, k, generator=generator, device=rows.device)
+    if _kernel_backend(rows) and product_bound(2 * n, 4, max(bits_x, 4)) < FP32_EXACT:
+        from lowbit.kernels.sampled_gemm import grad_weight_gemm
+
+        return grad_weight_gemm(_int8(rows), _int8(qx), idx, ends, w, f, gain, scale, noise)
+    return _grad_weight_reference(rows, qx, token, idx, ends, w, f, gain, scale, noise, bits_x)
+
+
+def _grad_weight_reference(rows, qx, token, idx, ends, w, f, gain, scale, noise, bits_x):
+    """The three products on gathered copies (reads the group ends on the host: the reference path)."""
+    e0, e1, e2 = ends.tolist()
+    out = torch.zeros(rows.shape[1], qx.shape[1], device=rows.device)
+    for part, wi in ((idx[:e0], w[0]), (idx[e0:e1], w[1])):
         if part.numel():
             prod = int_matmul(rows[part].T.contiguous(), qx[token[part]].T.contiguous(), bits_a=4, bits_b=bits_x)
-            out += (prod * w).float()
-    if sampled.numel():
-        x_tilde = qx[token[sampled]].float() * (weight[sampled] / p_sampled)[:, None]
-        q3 = stochastic_quantize(x_tilde, 4, generator)
-        prod = int_matmul(rows[sampled].T.contiguous(), _like(q3.q, rows).T.contiguous(), bits_a=4, bits_b=4)
-        out += (prod / q3.scale).float()
+            out += (prod * wi).float()
+    if e2 > e1 and noise is not None:
+        sampled = idx[e1:e2]
+        q3 = requantize_rows(qx[token[sampled]], f[e1:e2], gain, noise[sampled])
+        prod = int_matmul(rows[sampled].T.contiguous(), _like(q3, rows).T.contiguous(), bits_a=4, bits_b=4)
+        out += (prod / scale).float()
     return out
 
 

@@ -107,15 +107,26 @@ class _QuantLinearFn(torch.autograd.Function):
             gxh, gwh = _grads_hadamard_domain(g, qx, qw, cfg, state.generator(g.device), need_x, need_w)
             grad_x = grad_sx = grad_w = grad_sw = None
             if gxh is not None:
-                gxh_x, grad_sx = lsq_backward(gxh, qx, cfg.qmin, cfg.qmax, state.act_numel)
-                grad_x = rot.inverse(gxh_x).to(x_dtype)
+                grad_x, grad_sx = _lsq_inverse(gxh, qx, rot, cfg, state.act_numel)
+                grad_x = grad_x.to(x_dtype)
             if gwh is not None:
-                gwh_w, grad_sw = lsq_backward(gwh, qw, cfg.qmin, cfg.qmax)
-                grad_w = rot.inverse(gwh_w).to(w_dtype)
+                grad_w, grad_sw = _lsq_inverse(gwh, qw, rot, cfg)
+                grad_w = grad_w.to(w_dtype)
                 grad_sw = grad_sw.reshape(ctx.step_shapes[1])
             grad_b = g.sum(0) if has_bias and ctx.needs_input_grad[2] else None
         grad_sx = grad_sx.reshape(ctx.step_shapes[0]) if grad_sx is not None and need_sx else None
         return grad_x, grad_w, grad_b, grad_sx, grad_sw, None
+
+
+def _lsq_inverse(grad: torch.Tensor, op: Quantized, rot: Rotation, cfg: TrainQuantConfig, numel: float | None = None):
+    """``lsq_backward`` then ``rot.inverse`` on the input gradient: one fused pass on the Triton backend (equal bit
+    for bit: ``lowbit.kernels.lsq_inverse``), else the two reference steps."""
+    if op.v is not None and rot.fused(grad) and op.v.dtype == torch.float32 and op.v.shape == grad.shape:
+        from lowbit.kernels.lsq_inverse import lsq_backward_inverse
+
+        return lsq_backward_inverse(grad, op.v, op.step, rot.block, rot.signs, rot.pad, cfg.qmin, cfg.qmax, numel)
+    g, grad_step = lsq_backward(grad, op, cfg.qmin, cfg.qmax, numel)
+    return rot.inverse(g), grad_step
 
 
 def _int_operand(q: torch.Tensor) -> torch.Tensor:
