@@ -207,18 +207,6 @@ if triton is not None:
         return _nibble_float(words, POS) - _nibble_base(POS)
 
     @triton.jit
-    def _unit_code(words, mask, I: tl.constexpr):
-        """1 + nibble I / 16 as a float32: one shift puts the nibble in the top mantissa bits (19..22) of 1.0.
-
-        The same mask and exponent serve every nibble (constants stay in registers), and no subtraction follows:
-        the 1 is removed once per group through the sum of the activations."""
-        if I < 5:
-            moved = words << (19 - 4 * I)
-        else:
-            moved = words >> (4 * I - 19)
-        return ((moved & mask) | 0x3F800000).to(tl.float32, bitcast=True)
-
-    @triton.jit
     def _word_offsets(rows, pos, K, R: tl.constexpr):
         """Offsets of the words of ``rows`` at word positions ``pos`` along K (broadcast shapes)."""
         return (rows // R) * (K // 8 * R) + pos * R + rows % R
