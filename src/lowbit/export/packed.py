@@ -19,8 +19,6 @@ beside ``output`` and renamed, so a failure leaves nothing behind.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.codes import iter_quantized_linears
+from lowbit.models.saving import atomic_output
 from lowbit.quant.packing import pack
 
 FORMAT = "lowbit-packed"
@@ -131,9 +130,7 @@ def save_packed(loaded, config, output: str | Path, overwrite: bool = False,
     tensors = {**rest, **packed, **online}
     meta = _metadata(loaded, config, layers, online_ops, tied, dtype)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
+    with atomic_output(output, overwrite) as tmp:  # checked above; the old output goes only once the new is in
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "lowbit": FORMAT})
         hf_config = json.loads(model.config.to_json_string(use_diff=True))
         hf_config.pop("quantization_config", None)  # a GGUF origin; these weights are lowbit's own
@@ -149,27 +146,4 @@ def save_packed(loaded, config, output: str | Path, overwrite: bool = False,
 
             write_log(loaded.calibration_log, tmp)
         (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_atomically(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
-
-
-def _replace_atomically(tmp: Path, output: Path) -> None:
-    """Rename ``tmp`` to ``output``; an old ``output`` is moved aside first and deleted only once ``tmp`` is in."""
-    old = None
-    if output.exists():
-        old = output.with_name(f"{tmp.name}.old")
-        output.rename(old)
-    try:
-        tmp.rename(output)
-    except BaseException:
-        if old is not None:
-            old.rename(output)
-        raise
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink()

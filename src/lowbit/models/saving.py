@@ -32,13 +32,30 @@ def _version() -> str:
     return __version__
 
 
+def replace_atomically(tmp: Path, output: Path) -> None:
+    """Rename ``tmp`` to ``output``; an old ``output`` is moved aside first and deleted only once ``tmp`` is in."""
+    old = None
+    if output.exists():
+        old = output.with_name(f"{tmp.name}.old")
+        output.rename(old)
+    try:
+        tmp.rename(output)
+    except BaseException:
+        if old is not None:
+            old.rename(output)
+        raise
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+
+
 @contextmanager
 def atomic_output(output: str | Path, overwrite: bool) -> Iterator[Path]:
     """A fresh temporary directory beside ``output`` to write into: renamed to ``output`` when the block ends (an
     old ``output`` is deleted only once the new one is in place), removed if it raises. An existing ``output``
     is refused on entry unless ``overwrite``."""
-    from lowbit.export.packed import _replace_atomically
-
     output = Path(output).expanduser()
     if output.exists() and not overwrite:
         raise LowbitError(f"output {output} already exists; choose another --output or pass --overwrite")
@@ -46,7 +63,7 @@ def atomic_output(output: str | Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         yield tmp
-        _replace_atomically(tmp, output)
+        replace_atomically(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
