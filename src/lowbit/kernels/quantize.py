@@ -105,22 +105,10 @@ if triton is not None:
 
     @triton.jit
     def _butterfly_all(y, BM: tl.constexpr, BK: tl.constexpr, BLOCK: tl.constexpr):
-        if BLOCK > 1:
-            y = _butterfly(y, BM, BK, 1)
-        if BLOCK > 2:
-            y = _butterfly(y, BM, BK, 2)
-        if BLOCK > 4:
-            y = _butterfly(y, BM, BK, 4)
-        if BLOCK > 8:
-            y = _butterfly(y, BM, BK, 8)
-        if BLOCK > 16:
-            y = _butterfly(y, BM, BK, 16)
-        if BLOCK > 32:
-            y = _butterfly(y, BM, BK, 32)
-        if BLOCK > 64:
-            y = _butterfly(y, BM, BK, 64)
-        if BLOCK > 128:
-            y = _butterfly(y, BM, BK, 128)
+        """All log2(BLOCK) stages (BLOCK <= 256), unrolled at compile time."""
+        for stage in tl.static_range(8):
+            if (1 << stage) < BLOCK:
+                y = _butterfly(y, BM, BK, 1 << stage)
         return y
 
     # tl.reduce with triton's own combine function instead of tl.max: the interpreter maps it to numpy, and
