@@ -49,7 +49,7 @@ def _no_reference(module, monkeypatch):
     monkeypatch.setattr(module, "w4a16_linear_reference", boom)
 
 
-CASES = [  # (M, N, K, group, dtype, symmetric, bias): M=1 GEMV, M>=2 the tiled GEMM (small and large tiles)
+CASES = [  # (M, N, K, group, dtype, symmetric, bias): M=1 GEMV, 2..64 the fused GEMM, above it dequantize + matmul
     (1, 40, 576, 64, torch.float32, False, True),
     (1, 33, 1536, 128, torch.bfloat16, False, False),
     (1, 24, 576, 576, torch.float16, True, True),
