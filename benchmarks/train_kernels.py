@@ -193,6 +193,32 @@ def bench_layer_parts(tokens: int, width: int, iters: int) -> list[dict]:
              "ms": round(median_ms(fn, iters), 4)} for name, fn in parts.items()]
 
 
+def bench_backward_detail(tokens: int, width: int, iters: int) -> list[dict]:
+    """The sampled backward's pieces (not in the parts' sum): grad-weight with sampling off (all 2N split rows in
+    the reduction) vs on, and its packed GEMM alone over N kept rows (the floor: about one INT8 GEMM)."""
+    import lowbit.train.backward as bwd
+    from lowbit.kernels import sampled_gemm
+
+    g = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16).float()
+    xq = torch.randint(-8, 8, (tokens, width), device="cuda", dtype=torch.int8)
+    wq = torch.randint(-8, 8, (width, width), device="cuda", dtype=torch.int8)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows, weight, sq = bwd.split_rows_with_norms(g, gen)
+    index = torch.randperm(2 * tokens, device="cuda")
+    ends = torch.tensor([tokens // 2, tokens, tokens], device="cuda")  # N kept rows, hi and lo groups
+    w = weight[[0, -1]]
+    cases = {
+        "grad-weight, ratio 0.5": lambda: bwd.int4_grad_weight(rows, weight, xq, 0.5, gen, 4, sq),
+        "grad-weight, ratio 1 (2N rows reduced)": lambda: bwd.int4_grad_weight(rows, weight, xq, 1.0, gen, 4, sq),
+        "grad-weight pack + GEMM only, N kept rows": lambda: sampled_gemm.grad_weight_gemm(rows, xq, index, ends, w),
+        "grad-input, ratio 0.5": lambda: bwd.int4_grad_input(rows, weight, wq, 0.5, gen, 4, sq),
+        "grad-input, ratio 1": lambda: bwd.int4_grad_input(rows, weight, wq, 1.0, gen, 4, sq),
+        "int8 transpose of W (grad-input operand)": lambda: sampled_gemm.transpose_int8(wq),
+    }
+    return [{"bench": "backward_detail", "path": name, "shape": f"{tokens}x{width}x{width}",
+             "ms": round(median_ms(fn, iters), 4)} for name, fn in cases.items()]
+
+
 def train_run(args, quant: bool) -> tuple[list[float], list[float], int]:
     """``args.steps`` AdamW steps from one seed on the same byte windows; per-step losses and times (ms)."""
     from lowbit.train.config import preset
@@ -264,7 +290,9 @@ def main(argv=None) -> int:
     parts = bench_layer_parts(args.tokens, args.width, args.iters)
     print_markdown(["4-bit layer part", "shape", "ms"], [f"| {r['path']} | {r['shape']} | {r['ms']} |" for r in parts]
                    + [f"| sum of parts | | {round(sum(r['ms'] for r in parts), 4)} |"])
-    rows += fused + layer + parts
+    detail = bench_backward_detail(args.tokens, args.width, args.iters)
+    print_markdown(["4-bit backward detail", "shape", "ms"], [f"| {r['path']} | {r['shape']} | {r['ms']} |" for r in detail])
+    rows += fused + layer + parts + detail
     if not args.skip_lm:
         lm = bench_lm(args)
         print_markdown(["LM training step", "params (M)", "ms/step", "x bf16 (goal 1.25)"],

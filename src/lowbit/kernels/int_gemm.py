@@ -90,19 +90,21 @@ def fp8_matmul(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None = No
 if triton is not None:
 
     @triton.jit
+    def grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of program ``pid`` in grouped order: neighbouring programs share A tiles in L2."""
+        grid_m, grid_n = (M + BM - 1) // BM, (N + BN - 1) // BN
+        first_m = pid // (GROUP_M * grid_n) * GROUP_M
+        size_m = tl.minimum(grid_m - first_m, GROUP_M)
+        return first_m + (pid % (GROUP_M * grid_n)) % size_m, (pid % (GROUP_M * grid_n)) // size_m
+
+    @triton.jit
     def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, index_ptr, count_ptr, rs_ptr, cs_ptr, M, N, K, scatter_mod,
                           stride_am, stride_bn, stride_cm, stride_rs, stride_cs,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                           GATHER: tl.constexpr, HAS_COUNT: tl.constexpr, ROW_SCALE: tl.constexpr,
                           COL_SCALE: tl.constexpr, SCALE_FIRST: tl.constexpr, OUT_INT: tl.constexpr,
                           SCATTER: tl.constexpr):
-        pid = tl.program_id(0)
-        grid_m, grid_n = (M + BM - 1) // BM, (N + BN - 1) // BN
-        group = pid // (GROUP_M * grid_n)  # grouped ordering: neighbouring programs share A tiles in L2
-        first_m = group * GROUP_M
-        size_m = tl.minimum(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
-        pid_n = (pid % (GROUP_M * grid_n)) // size_m
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
         rows = pid_m * BM + tl.arange(0, BM)
         cols = pid_n * BN + tl.arange(0, BN)
         live = M

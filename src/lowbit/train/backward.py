@@ -87,9 +87,13 @@ def int4_grad_input(
         from lowbit.kernels.int_gemm import int8_matmul, int8_matmul_reference
 
         coef = weight[sample.index] * sample.inv_p
-        fn = int8_matmul if _kernel_backend(rows) else int8_matmul_reference
-        return fn(_int8(rows), _int8(qw.T.contiguous()), index=sample.index, count=sample.count, row_scale=coef,
-                  scatter_into=out)
+        if _kernel_backend(rows):
+            from lowbit.kernels.sampled_gemm import transpose_int8
+
+            fn, qw_t = int8_matmul, transpose_int8(_int8(qw))  # one tiled pass; torch's strided byte copy is slow
+        else:
+            fn, qw_t = int8_matmul_reference, _int8(qw.T.contiguous())
+        return fn(_int8(rows), qw_t, index=sample.index, count=sample.count, row_scale=coef, scatter_into=out)
     if sample.index.numel() == 0:
         return out
     prod = int_matmul(rows[sample.index], qw.T.contiguous(), bits_a=4, bits_b=bits_w)

@@ -1,0 +1,113 @@
+"""Grad-weight's packed K-major GEMM (``lowbit.kernels.sampled_gemm``) equals the reference's three products bit
+for bit on odd shapes, groups that start and end off the packing's tile boundaries, a kept count far below the
+padded sample's length, and empty groups (nothing kept at all included); the int8 transpose equals ``x.T``."""
+
+import importlib
+
+import pytest
+import torch
+
+KERNEL_MODULES = ("lowbit.kernels.int_gemm", "lowbit.kernels.sampled_gemm")
+
+
+@pytest.fixture(scope="module")
+def device(triton_path):
+    """CUDA when present; else the CPU with Triton's interpreter (see conftest.triton_path)."""
+    return triton_path(*KERNEL_MODULES)
+
+
+def _problem(n, c, k, sizes, seed, device):
+    """Random int4 rows (2N x C) and qx (N x K), a padded permutation of the rows sorted into groups of the
+    given sizes, and the sampled group's re-quantization inputs, as ``int4_grad_weight`` builds them."""
+    from lowbit.train.backward import requantize_scale
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(-7, 8, (2 * n, c), generator=gen, dtype=torch.int8)
+    qx = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    idx = torch.randperm(2 * n, generator=gen)  # padded: every row, the kept ones first
+    ends = torch.tensor(sizes).cumsum(0)
+    w = torch.tensor([14.0, 1.0]) / 26.3
+    f = torch.where(torch.arange(2 * n) >= ends[1], torch.rand(2 * n, generator=gen) * 3, torch.zeros(2 * n))
+    f = torch.where(torch.arange(2 * n) < ends[2], f, torch.zeros_like(f))
+    tok = idx % n
+    amax = (f * qx.abs().amax(dim=1).float()[tok]).amax()
+    scale, gain = requantize_scale(amax)
+    noise = torch.rand(2 * n, k, generator=gen)
+    moved = (rows, qx, idx, ends, w, f, gain, scale, noise)
+    return tuple(t.to(device) for t in moved)
+
+
+@pytest.mark.parametrize("n,c,k,sizes", [
+    (37, 45, 576, (5, 9, 20)),     # count 34 < padded 74; every group off the tile grid
+    (20, 33, 1536, (0, 0, 17)),    # sampled rows only
+    (30, 40, 96, (33, 0, 2)),      # an empty middle group; the first one crosses a tile boundary
+    (16, 24, 64, (0, 0, 0)),       # nothing kept (count 0)
+    (48, 64, 64, (48, 48, 0)),     # everything kept with p = 1 (sampling off)
+])
+def test_grad_weight_gemm_equals_reference(device, n, c, k, sizes):
+    from lowbit.kernels.sampled_gemm import grad_weight_gemm
+    from lowbit.train.backward import _grad_weight_reference
+
+    rows, qx, idx, ends, w, f, gain, scale, noise = _problem(n, c, k, sizes, n + c + k, device)
+    token = torch.arange(2 * n, device=device) % n
+    for sampled in (True, False) if not sizes[2] else (True,):  # without sampling there is no sampled group
+        extra = (f, gain, scale, noise) if sampled else (None,) * 4
+        got = grad_weight_gemm(rows, qx, idx, ends, w, *extra)
+        want = _grad_weight_reference(rows.float(), qx.float(), token, idx, ends, w, *extra, 4)
+        assert torch.equal(got.cpu(), want.cpu())
+        assert (got.abs().sum() > 0) == (sum(sizes) > 0)
+
+
+def test_grad_weight_gemm_compact_empty_sample(device):
+    """A compact sample that keeps nothing (zero-length index) gives zeros, as the reference's empty sum."""
+    from lowbit.kernels.sampled_gemm import grad_weight_gemm
+
+    rows = torch.ones(10, 7, dtype=torch.int8, device=device)
+    qx = torch.ones(5, 9, dtype=torch.int8, device=device)
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    got = grad_weight_gemm(rows, qx, empty, torch.zeros(3, dtype=torch.long, device=device),
+                           torch.ones(2, device=device))
+    assert torch.equal(got.cpu(), torch.zeros(7, 9))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (37, 576), (130, 45), (64, 64)])
+def test_transpose_int8(device, shape):
+    sg = importlib.import_module("lowbit.kernels.sampled_gemm")
+    x = torch.randint(-128, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(1)).to(device)
+    assert torch.equal(sg.transpose_int8(x).cpu(), x.T.contiguous().cpu())
+    assert torch.equal(sg.transpose_int8(x[:, : shape[1] // 2 + 1]).cpu(), x[:, : shape[1] // 2 + 1].T.cpu())
+
+
+def test_packed_width_bounds_every_sample():
+    """The three groups, each padded to the tile, always fit the fixed width (no host sync sizes the buffers)."""
+    from lowbit.kernels.sampled_gemm import packed_width
+
+    pad = 8
+    for total in range(0, 40):
+        for a in range(total + 1):
+            for b in range(total - a + 1):
+                c = total - a - b
+                padded = sum(-(-s // pad) * pad for s in (a, b, c))
+                assert padded <= packed_width(total, pad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+def test_sampled_backward_is_sync_free_on_gpu(device, ratio):
+    """Grad-weight (sort, pack, packed GEMM) and grad-input (gathered, scattered GEMM) never wait for the host."""
+    import lowbit.train.backward as bwd
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.randn(512, 576, device="cuda")
+    qx = torch.randint(-8, 8, (512, 1536), device="cuda", dtype=torch.int8)
+    qw = torch.randint(-8, 8, (576, 1536), device="cuda", dtype=torch.int8)
+    rows, weight, sq = bwd.split_rows_with_norms(g, gen)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+    try:
+        gw = bwd.int4_grad_weight(rows, weight, qx, ratio, gen, 4, sq)
+        gi = bwd.int4_grad_input(rows, weight, qw, ratio, gen, 4, sq)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert gw.shape == (576, 1536) and gi.shape == (512, 1536) and gw.abs().sum() > 0
