@@ -188,3 +188,49 @@ def test_llama_shapes_on_gpu(monkeypatch, w4a16, m, n, k, group):
     weight = _weight(n, k, group, device="cuda")
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     _check_close(w4a16.w4a16_linear(x, weight), x, weight)
+
+
+GEMV_CASES = [  # (N, K, group, dtype, bias, config (BNB, CHUNKS, warps, splits)): odd N, per-channel and grouped
+    (33, 1536, 128, torch.bfloat16, True, (1, 4, 1, 1)),  # unsplit, 3 loop steps
+    (33, 1536, 128, torch.float16, False, (1, 4, 1, 3)),  # split: the last CTA of a row tile sums 3 partials
+    (37, 576, 64, torch.float32, True, (2, 2, 1, 4)),  # 9 chunks in 4 splits of 1 step each: last step masked
+    (40, 576, 576, torch.bfloat16, False, (1, 2, 1, 2)),  # per-channel (one group of 9 chunks), split
+    (37, 1536, 1536, torch.float16, True, (2, 8, 1, 1)),  # per-channel, unsplit, 12 chunks in 2 steps of 8
+    (24, 576, 32, torch.float16, True, (1, 4, 1, 5)),  # chunk 32: 18 chunks, 5 steps, 5 splits
+]
+
+
+@pytest.mark.parametrize("n,k,group,dtype,bias,config", GEMV_CASES)
+def test_gemv_configs_split_and_unsplit(w4a16, n, k, group, dtype, bias, config):
+    """Every GEMV path, launched with an explicit config: correct, the same bits twice, and a split launch leaves
+    its counters zeroed (reusable by the next call or graph replay)."""
+    gemv = w4a16.w4a16_gemv
+    device = _device()
+    weight = _weight(n, k, group, seed=n + k, device=device)
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(1, k, generator=gen).to(device, dtype)
+    b = torch.randn(n, generator=gen).to(device, dtype) if bias else None
+    layout = w4a16.prepare_w4a16(weight, dtype)
+    ys = []
+    for _ in range(2):
+        y = torch.full((1, n), float("nan"), dtype=dtype, device=device)
+        gemv._launch(x, layout, b, y, config)
+        ys.append(y)
+    _check_close(ys[0], x, weight, b)
+    assert torch.equal(ys[0], ys[1])
+    assert all(int(c.abs().sum()) == 0 for c in gemv._counters.values())
+    if config[3] > 1:
+        assert gemv._counters, "a split launch should have used the cached counters"
+
+
+def test_gemv_heuristic_splits_narrow_n_only(w4a16):
+    """Few row tiles split K (enough CTAs for the GPU); many do not; a split never exceeds the loop steps."""
+    gemv = w4a16.w4a16_gemv
+    narrow = w4a16.W4A16Layout(torch.empty(64, 1, 1), None, None, 128, 128, 4096, 256)
+    wide = w4a16.W4A16Layout(torch.empty(1024, 1, 1), None, None, 128, 128, 4096, 4096)
+    assert gemv.auto_splits(wide, (1, 32, 4)) == 1
+    assert gemv.auto_splits(narrow, (1, 8, 4)) == 4  # 64 row tiles, 4 steps: 4 splits of one step
+    assert gemv.auto_splits(narrow, (2, 8, 4)) == 4  # 32 row tiles: 8 wanted, 4 steps at most
+    assert gemv.auto_splits(narrow, (1, 32, 4)) == 1  # 4096 / 128 = 32 chunks: one step of 32
+    tiny = w4a16.W4A16Layout(torch.empty(2, 1, 1), None, None, 64, 64, 576, 8)
+    assert gemv.auto_splits(tiny, (1, 2, 1)) == 5  # 9 chunks in 2-chunk steps: 5 steps at most

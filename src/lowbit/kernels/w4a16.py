@@ -7,7 +7,7 @@ rounding: the kernels accumulate in float32 and keep 16-bit scales when x is 16-
 - M == 1 (decode), a GEMV on CUDA cores: one shift and one mask-or per weight put the nibble c in the top
   mantissa bits of 1.0, giving 1 + c/16 exactly; one FMA per weight accumulates it against x, and per group
   sum (c - z) x = 16 sum (1 + c/16) x - (16 + z) sum x removes the 1 (cancelling ~4 of float32's 24 bits).
-  It lives in ``w4a16_gemv`` (split over N and K to fill every SM, 16-byte loads, deterministic two-pass split-K).
+  It lives in ``w4a16_gemv`` (one launch: row tiles, K split only for narrow N and reduced in-kernel, 16-byte loads).
 - M >= 2, one tiled GEMM for decode batches and prefill alike: each weight tile is read packed and dequantized in
   registers with the GEMV's trick (1 + c/16 from a shift and a mask-or, then one FMA with 16 s and -(16 + z) s;
   float32 activations use (c - z) s rounded once, as ``weight.dequantize`` does), cast to x.dtype and fed to
