@@ -26,14 +26,16 @@ from lowbit.train.cli import device_of
 from lowbit.train.config import PRESETS
 from lowbit.train.plot import line_plot
 
-LABELS = {"none": "full precision", "int8": "INT8", "lsq4": "4-bit LSQ (no Hadamard)", "hq-lss4": "HQ+LSS 4-bit"}
+LABELS = {"none": "full precision", "int8": "INT8", "lsq4": "4-bit LSQ (no Hadamard)", "hq-lss4": "HQ+LSS 4-bit",
+          "hq-lss4-token": "HQ+LSS 4-bit, per-token / per-row scales"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--quants", default=",".join(PRESETS), help="comma-separated presets (default: all four)")
+    p.add_argument("--quants", default="none,int8,lsq4,hq-lss4",
+                   help=f"comma-separated presets of {', '.join(PRESETS)} (default: the four of the paper's comparison)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")
     p.add_argument("--epochs", type=float, default=None, help="passes over the training set instead of --steps")
     p.add_argument("--batch-size", type=int, default=128, help="sentences per step (default 128)")

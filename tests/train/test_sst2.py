@@ -82,7 +82,7 @@ def test_convert_minilm_shape_keeps_classifier_and_outputs_close(tiny_tokenizer)
     assert float((out - ref).norm() / ref.norm()) < 0.35
 
 
-@pytest.mark.parametrize("quant", ["none", "hq-lss4"])
+@pytest.mark.parametrize("quant", ["none", "hq-lss4", "hq-lss4-token"])
 def test_finetune_learns_toy_task(tiny_tokenizer, quant):
     train = sst2.encode(tiny_tokenizer, *toy_sentences(512, 7), max_len=16)
     evaluation = sst2.encode(tiny_tokenizer, *toy_sentences(128, 8), max_len=16)
@@ -158,7 +158,7 @@ def test_real_minilm_loads_from_safetensors_and_embeds_sensibly():
 def test_finetune_on_cuda(tiny_tokenizer):
     train = sst2.encode(tiny_tokenizer, *toy_sentences(64, 7), max_len=16)
     evaluation = sst2.encode(tiny_tokenizer, *toy_sentences(32, 8), max_len=16)
-    for quant in ("none", "int8", "lsq4", "hq-lss4"):
+    for quant in ("none", "int8", "lsq4", "hq-lss4", "hq-lss4-token"):
         result = sst2.finetune(tiny_bert(), train, evaluation, quant, sst2.Sst2Recipe(steps=3, batch_size=8),
                                device="cuda", progress=False)
         assert all(math.isfinite(h["loss"]) for h in result["history"])

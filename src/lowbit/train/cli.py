@@ -37,7 +37,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--task", default="lm", choices=("lm", "sst2"),
                    help="lm: byte-level LLaMA-style LM from scratch (default); sst2: MiniLM-L6 fine-tuning")
     t.add_argument("--quant", default="hq-lss4", choices=PRESETS,
-                   help="none (float), int8, lsq4 (INT4 LSQ, no Hadamard, float backward), hq-lss4 (the paper; default)")
+                   help="none (float), int8, lsq4 (INT4 LSQ, no Hadamard, float backward), hq-lss4 (the paper; default), "
+                        "hq-lss4-token (HQ+LSS with per-token activation and per-row weight scales)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: lm 200, sst2 one epoch)")
     t.add_argument("--seed", type=int, default=0, help="model init, data order and quantizer randomness")
     t.add_argument("--batch-size", type=int, default=None, help="examples per step (default: lm 8, sst2 32)")

@@ -103,7 +103,9 @@ def preset(name: str, seed: int = 0) -> TrainQuantConfig | None:
         return TrainQuantConfig(bits=4, hadamard=False, backward="float", seed=seed)
     if name == "hq-lss4":
         return TrainQuantConfig(seed=seed)
-    raise LowbitError(f"unknown quantized-training preset {name!r}; use none, int8, lsq4 or hq-lss4")
+    if name == "hq-lss4-token":  # HQ+LSS with finer scales: dynamic per-token activations, LSQ step per weight row
+        return TrainQuantConfig(act_granularity="token", weight_granularity="channel", seed=seed)
+    raise LowbitError(f"unknown quantized-training preset {name!r}; use {', '.join(PRESETS)}")
 
 
-PRESETS = ("none", "int8", "lsq4", "hq-lss4")
+PRESETS = ("none", "int8", "lsq4", "hq-lss4", "hq-lss4-token")
