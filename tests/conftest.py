@@ -83,6 +83,11 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     return build
 
 
+def kernel_device() -> str:
+    """Where the kernel tests run: CUDA when present, else the CPU (through Triton's interpreter)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture(scope="module")
 def triton_path():
     """A function that switches ``lowbit.kernels`` modules to Triton for the rest of the test module.
@@ -101,6 +106,6 @@ def triton_path():
                 mp.setenv("TRITON_INTERPRET", "1")
                 for name in modules:
                     importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
-            return "cuda" if torch.cuda.is_available() else "cpu"
+            return kernel_device()
 
         yield enable

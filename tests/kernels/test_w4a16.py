@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import kernel_device
+
 from lowbit.errors import LowbitError
 from lowbit.kernels.weights import PackedWeight
 from lowbit.quant.packing import pack
@@ -22,10 +24,6 @@ def w4a16(triton_path):
     one launch configuration per kernel (the LLaMA-shape GPU tests tune)."""
     triton_path(*KERNEL_MODULES, autotune=False)
     return importlib.import_module("lowbit.kernels.w4a16")
-
-
-def _device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _weight(n, k, group, symmetric=False, seed=0, device="cpu"):
@@ -67,7 +65,7 @@ CASES = [  # (M, N, K, group, dtype, symmetric, bias): M=1 GEMV, 2..64 the fused
 
 @pytest.mark.parametrize("m,n,k,group,dtype,symmetric,bias", CASES)
 def test_kernel_paths_match_reference(w4a16, monkeypatch, m, n, k, group, dtype, symmetric, bias):
-    device = _device()
+    device = kernel_device()
     weight = _weight(n, k, group, symmetric, seed=m + n, device=device)
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(m, k, generator=gen).to(device, dtype)
@@ -77,8 +75,8 @@ def test_kernel_paths_match_reference(w4a16, monkeypatch, m, n, k, group, dtype,
 
 
 def test_leading_dims_and_zero_rows(w4a16):
-    weight = _weight(24, 576, 64, device=_device())
-    x = torch.randn(2, 3, 576, generator=torch.Generator().manual_seed(1)).to(_device())
+    weight = _weight(24, 576, 64, device=kernel_device())
+    x = torch.randn(2, 3, 576, generator=torch.Generator().manual_seed(1)).to(kernel_device())
     y = w4a16.w4a16_linear(x, weight)
     assert y.shape == (2, 3, 24)
     _check_close(y.reshape(6, 24), x.reshape(6, 576), weight)
@@ -89,16 +87,16 @@ def test_far_zero_points_keep_float32_metadata(w4a16):
     """A constant row quantizes to scale 1e-5 and zero point -1e5: not exact in bf16, so the layout keeps float32."""
     w = torch.randn(8, 576, generator=torch.Generator().manual_seed(2))
     w[3] = 1.0
-    weight = PackedWeight.quantize(w, 4, 64).to(_device())
+    weight = PackedWeight.quantize(w, 4, 64).to(kernel_device())
     assert weight.zeros.abs().max() > 1e4
     assert w4a16.prepare_w4a16(weight, torch.bfloat16).scales.dtype == torch.float32
     for dtype in (torch.bfloat16, torch.float32):
-        x = torch.randn(1, 576, generator=torch.Generator().manual_seed(3)).to(_device(), dtype)
+        x = torch.randn(1, 576, generator=torch.Generator().manual_seed(3)).to(kernel_device(), dtype)
         _check_close(w4a16.w4a16_linear(x, weight), x, weight)
 
 
 def test_dequantize_kernel_is_bit_exact(w4a16):
-    weight = _weight(33, 576, 64, device=_device())
+    weight = _weight(33, 576, 64, device=kernel_device())
     layout = w4a16.prepare_w4a16(weight, torch.bfloat16)
     # the CPU interpreter casts float32 to bfloat16 by truncation, the GPU rounds to nearest as torch does
     dtypes = (torch.float16, torch.float32) + ((torch.bfloat16,) if torch.cuda.is_available() else ())
@@ -128,8 +126,8 @@ def test_other_widths_and_groups_run_the_reference(w4a16):
     """3-bit weights and a group of 8 have no kernel: the result is the reference itself."""
     for bits, group in ((3, 64), (4, 8)):
         w = torch.randn(8, 64, generator=torch.Generator().manual_seed(bits))
-        weight = PackedWeight.quantize(w, bits, group).to(_device())
-        x = torch.randn(2, 64, generator=torch.Generator().manual_seed(5)).to(_device())
+        weight = PackedWeight.quantize(w, bits, group).to(kernel_device())
+        x = torch.randn(2, 64, generator=torch.Generator().manual_seed(5)).to(kernel_device())
         assert torch.equal(w4a16.w4a16_linear(x, weight), w4a16.w4a16_linear_reference(x, weight))
 
 
@@ -205,7 +203,7 @@ def test_gemv_configs_split_and_unsplit(w4a16, n, k, group, dtype, bias, config)
     """Every GEMV path, launched with an explicit config: correct, the same bits twice, and a split launch leaves
     its counters zeroed (reusable by the next call or graph replay)."""
     gemv = w4a16.w4a16_gemv
-    device = _device()
+    device = kernel_device()
     weight = _weight(n, k, group, seed=n + k, device=device)
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(1, k, generator=gen).to(device, dtype)

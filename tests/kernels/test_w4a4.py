@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import kernel_device
+
 from lowbit.errors import LowbitError
 from lowbit.kernels.weights import PackedWeight
 from lowbit.quant.quantizer import QuantSpec, fake_quantize
@@ -23,14 +25,10 @@ def w4a4(triton_path):
     return importlib.import_module("lowbit.kernels.w4a4")
 
 
-def _device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _weight(n, k, group, bits=4, symmetric=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen) * (1 + torch.rand(n, 1, generator=gen))
-    return PackedWeight.quantize(w, bits, group, symmetric).to(_device())
+    return PackedWeight.quantize(w, bits, group, symmetric).to(kernel_device())
 
 
 def _activations(m, k, dtype, seed):
@@ -41,7 +39,7 @@ def _activations(m, k, dtype, seed):
     if m > 2:
         x[1] = 0.75  # constant row: scale clamps to SCALE_MIN, zero point about -75000
         x[2] = (torch.arange(k) % 16 + 0.5) / 4  # many exact ties under power-of-two scales
-    return x.to(_device(), dtype)
+    return x.to(kernel_device(), dtype)
 
 
 def _check(y, x, weight, act_bits, symmetric, bias=None):
@@ -74,8 +72,8 @@ def test_integer_gemm_is_exact(w4a4):
     for bits in (4, 3, 8):
         codes = torch.randint(0, 2**bits, (n, k), generator=gen)
         zeros = torch.randint(-20, 2**bits + 20, (n, k // group), generator=gen).float()
-        weight = PackedWeight.from_codes(codes, torch.ones(n, k // group), zeros, bits, group).to(_device())
-        x = torch.randn(m, k, generator=gen).to(_device()) + torch.rand(m, 1, generator=gen).to(_device())
+        weight = PackedWeight.from_codes(codes, torch.ones(n, k // group), zeros, bits, group).to(kernel_device())
+        x = torch.randn(m, k, generator=gen).to(kernel_device()) + torch.rand(m, 1, generator=gen).to(kernel_device())
         acts = w4a4.quantize_activations(x, 4, False, group)
         unit = acts._replace(scale=torch.ones_like(acts.scale))
         got = wxax_gemm(unit, w4a4.prepare_wxax(weight), None, torch.float32).cpu().double()
@@ -99,7 +97,7 @@ CASES = [  # (M, N, K, group, weight bits, act bits, act symmetric, dtype, bias)
 def test_wxax_matches_reference(w4a4, monkeypatch, m, n, k, group, wbits, abits, asym, dtype, bias):
     weight = _weight(n, k, group, wbits, seed=m)
     x = _activations(m, k, dtype, seed=n)
-    b = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(_device()) if bias else None
+    b = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(kernel_device()) if bias else None
 
     def boom(*args, **kwargs):
         raise AssertionError("the reference ran instead of the kernel")
@@ -130,7 +128,7 @@ def test_group_without_kernel_runs_the_reference(w4a4):
 
 def test_bad_input_is_one_clear_error(w4a4):
     weight = _weight(8, 128, 64)
-    x = torch.randn(2, 128, device=_device())
+    x = torch.randn(2, 128, device=kernel_device())
     for bad in (1, 9, 4.0):
         with pytest.raises(LowbitError, match="act_bits"):
             w4a4.wxax_linear(x, weight, bad)
