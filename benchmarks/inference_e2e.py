@@ -3,6 +3,7 @@
     python benchmarks/inference_e2e.py                      # 32 blocks, prompt 512, 128 decoded tokens, batch 1 and 16
     python benchmarks/inference_e2e.py --layers 4 --repeats 3   # a quick look
     python benchmarks/inference_e2e.py --no-cuda-graph      # eager decoding for both models
+    python benchmarks/inference_e2e.py --compile            # torch.compile each decode step, then CUDA-graph it
 
 Speed needs no trained weights, so the model is built with seeded random weights directly on the GPU in fp16
 (13.5 GB, never materialised twice). It is measured, then converted in place, one linear at a time, to packed
@@ -38,6 +39,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-cuda-graph", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models' decode steps (then CUDA graph)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "inference_e2e.json")
     args = p.parse_args()
@@ -46,7 +48,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = BenchOptions(prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
                            batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), warmup=args.warmup,
-                           repeats=args.repeats, cuda_graph=not args.no_cuda_graph, seed=args.seed)
+                           repeats=args.repeats, cuda_graph=not args.no_cuda_graph, seed=args.seed,
+                           compile=args.compile)
     start = time.perf_counter()
     model = random_llama("cuda", torch.float16, args.seed, num_hidden_layers=args.layers)
     torch.cuda.synchronize()

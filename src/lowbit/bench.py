@@ -39,6 +39,7 @@ class BenchOptions:
     warmup: int = 2
     repeats: int = 5
     cuda_graph: bool = True  # CUDA only: decode from a captured graph over a static cache
+    compile: bool = False  # CUDA graph decode only: torch.compile the step first (fuses the small ops)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -140,8 +141,11 @@ class GraphDecoder:
     writes the argmax back into the token buffer and advances the position, so replays need no host work.
     """
 
-    def __init__(self, model: nn.Module, prompt: torch.Tensor, decode_tokens: int, capture: bool = True) -> None:
+    def __init__(self, model: nn.Module, prompt: torch.Tensor, decode_tokens: int, capture: bool = True,
+                 compile: bool = False, compile_backend: str = "inductor") -> None:
         from transformers import StaticCache
+
+        from lowbit.export.compiled import prepare_for_compile
 
         batch, plen = prompt.shape
         self.model, self.plen, self.prompt = model, plen, prompt
@@ -156,7 +160,11 @@ class GraphDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=prompt.device)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=prompt.device)
         self.graph = None
-        self.prefill()
+        self.prefill()  # eager; it also initialises the cache's tensors before any tracing
+        self.run_step = self.step
+        if compile:  # one graph for the whole step: packed matmuls are one opaque op (lowbit.export.compiled)
+            prepare_for_compile(model, dtype)
+            self.run_step = torch.compile(self.step, backend=compile_backend, dynamic=False, fullgraph=True)
         if capture:  # without it (CPU tests) ``decode`` runs the same step eagerly
             self._capture()
 
@@ -164,12 +172,12 @@ class GraphDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (allocator, Triton autotuning, cuBLAS handles)
-                self.step()
+            for _ in range(2):  # warm-up outside the graph (compilation, allocator, Triton autotuning, cuBLAS)
+                self.run_step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.step()
+            self.run_step()
         torch.cuda.synchronize()
         self.rewind()
 
@@ -210,7 +218,7 @@ class GraphDecoder:
 
     def decode(self, tokens: int) -> None:
         for _ in range(tokens):
-            self.graph.replay() if self.graph is not None else self.step()
+            self.graph.replay() if self.graph is not None else self.run_step()
 
 
 class EagerDecoder:
@@ -260,22 +268,25 @@ def bench_model(model: nn.Module, options: BenchOptions, label: str) -> BenchRes
 
 
 def _decode_seconds(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, timer: Timer) -> tuple[float, str]:
+    """Decode time and how it ran: the first of compiled graph (if asked), graph, eager that works on this model."""
     tokens = options.decode_tokens
+    failed = []
     if prompt.device.type == "cuda" and options.cuda_graph:
-        try:
-            graph = GraphDecoder(model, prompt, tokens)
-        except Exception as err:  # noqa: BLE001 - any capture failure falls back, and the row says why
-            log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(err).__name__, err)
-            mode = f"eager, dynamic cache (graph capture failed: {type(err).__name__})"
-            torch.cuda.synchronize()
-        else:
+        for compile in (True, False) if options.compile else (False,):
+            mode = "compiled + cuda-graph, static cache" if compile else "cuda-graph, static cache"
+            try:
+                graph = GraphDecoder(model, prompt, tokens, compile=compile)
+            except Exception as err:  # noqa: BLE001 - any failure falls back, and the row says why
+                log.warning("%s failed (%s: %s); trying the next mode", mode, type(err).__name__, err)
+                failed.append(f"{mode} failed: {type(err).__name__}")
+                torch.cuda.synchronize()
+                continue
             seconds = _median(timer, lambda: graph.decode(tokens), options.warmup, options.repeats, graph.rewind)
             del graph
-            return seconds, "cuda-graph, static cache"
-    else:
-        mode = "eager, dynamic cache"
+            return seconds, "; ".join([mode, *failed])
     eager = EagerDecoder(model, prompt)
-    return _median(timer, lambda: eager.decode(tokens), options.warmup, options.repeats, eager.prefill), mode
+    seconds = _median(timer, lambda: eager.decode(tokens), options.warmup, options.repeats, eager.prefill)
+    return seconds, "; ".join(["eager, dynamic cache", *failed])
 
 
 def bench_pair(model: nn.Module, options: BenchOptions, convert: Callable[[nn.Module], object],

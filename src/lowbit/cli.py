@@ -77,6 +77,9 @@ def _add_inference_parsers(sub) -> None:
     b.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (default 2)")
     b.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported (default 5)")
     b.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA too (dynamic KV cache)")
+    b.add_argument("--compile", action="store_true",
+                   help="torch.compile each model's decode step before capturing it (fuses the small ops between "
+                        "the matmuls; both models alike; adds compile time)")
     b.add_argument("--json", type=Path, default=None, help="write the rows as JSON to this file")
 
     x = sub.add_parser("export", help="write a quantized model in a format other tools load")
@@ -260,7 +263,8 @@ def _run_bench(args) -> int:
     if args.layers is not None and (not args.random_llama7b or args.layers < 1):
         raise LowbitError("--layers is a positive number of blocks, and only applies with --random-llama7b")
     options = BenchOptions(prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, batch_sizes=args.batch_sizes,
-                           warmup=args.warmup, repeats=args.repeats, cuda_graph=not args.no_cuda_graph)
+                           warmup=args.warmup, repeats=args.repeats, cuda_graph=not args.no_cuda_graph,
+                           compile=args.compile)
     device = _device(args.device)
     layers = (args.layers or 32) if args.random_llama7b else None
     results = compare_with_fp16(args.model, options, device, args.dtype, random_layers=layers, wbits=args.wbits,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowbit.export.compiled import traced_w4a16
 from lowbit.quant.packing import packed_bytes
 
 
@@ -60,6 +61,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is None:
+            if torch.compiler.is_compiling():  # one opaque op, so the model stays one graph (export.compiled)
+                return traced_w4a16(x, self._packed, self.bias)
             from lowbit.kernels.w4a16 import w4a16_linear
 
             return w4a16_linear(x, self._packed, self.bias)

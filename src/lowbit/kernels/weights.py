@@ -151,3 +151,7 @@ class PackedWeight:
         if full_key not in self._prepared:
             self._prepared[full_key] = build()
         return self._prepared[full_key]
+
+    def cached(self, key: Any) -> Any | None:
+        """The layout ``prepared`` built for ``key`` on this device, or None if none was built yet."""
+        return self._prepared.get((key, str(self.device)))

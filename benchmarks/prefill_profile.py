@@ -1,0 +1,63 @@
+"""Where batch-1 prefill spends its GPU time, fp16 against packed W4A16 (torch.profiler, kernel table).
+
+    python benchmarks/prefill_profile.py --layers 4 --prompt-len 512
+
+Builds the random-weight LLaMA-7B-shaped model of ``inference_e2e.py`` with a few blocks, profiles one prefill
+(after warm-up) in fp16, packs it to W4A16 g128 in place and profiles again; prints the kernels by total GPU time
+and writes both tables to --out (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lowbit.bench import pack_rtn, random_llama
+
+
+def kernel_table(model, prompt, warmup: int = 3) -> list[dict]:
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(input_ids=prompt, use_cache=False)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(input_ids=prompt, use_cache=False)
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            rows.append({"name": e.key[:90], "calls": e.count, "total_us": us})
+    rows.sort(key=lambda r: -r["total_us"])
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "prefill_profile.json")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("prefill_profile.py needs a CUDA GPU")
+    model = random_llama("cuda", torch.float16, 0, num_hidden_layers=args.layers)
+    prompt = torch.randint(model.config.vocab_size, (1, args.prompt_len), device="cuda")
+    tables = {"fp16": kernel_table(model, prompt)}
+    pack_rtn(model, 4, 128)
+    tables["w4a16"] = kernel_table(model, prompt)
+    for label, rows in tables.items():
+        total = sum(r["total_us"] for r in rows)
+        print(f"\n{label}: {total / 1e3:.2f} ms of kernels in one prefill ({args.layers} blocks)")
+        for r in rows[: args.top]:
+            print(f"  {r['total_us'] / 1e3:8.3f} ms  {r['calls']:5d}x  {r['name']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"layers": args.layers, "prompt_len": args.prompt_len, "tables": tables}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
