@@ -2,7 +2,11 @@
 
     export PYTHONPATH=$PWD/src; python benchmarks/gemv_sweep.py --out $OUT/gemv_sweep.json   # H100: ~2-3 min
     python benchmarks/gemv_sweep.py --quick        # bf16, group 128 only
-    python benchmarks/gemv_sweep.py --old FILE     # also time an older w4a16_gemv.py (its CONFIGS and _launch)
+    python benchmarks/gemv_sweep.py --old FILE     # also time an older w4a16_gemv.py (its candidates and _launch)
+
+    # new kernel vs the committed one vs tinygemm vs bf16 in one run (H100, ~2 min):
+    git show HEAD:src/lowbit/kernels/w4a16_gemv.py > $OUT/old_gemv.py
+    PYTHONPATH=$PWD/src python benchmarks/gemv_sweep.py --quick --old $OUT/old_gemv.py --out $OUT/gemv_sweep.json
 
 M = 1, shapes (N out, K in) 4096x4096, 11008x4096, 4096x11008, 14336x4096 (plus 1024x4096, narrow enough that the
 GEMV splits K), group 128 and per-channel, bf16 and fp16 activations. Per case, in the same run: dense cuBLAS
@@ -120,7 +124,8 @@ def bench_case(n, k, group, dtype, cfg: Config, old, all_configs: bool) -> dict:
     y = torch.empty((1, n), dtype=dtype, device="cuda")
     configs = [("new", c, G._launch) for c in (G.candidates(layouts[0]) if all_configs else [tuned] if tuned else [])]
     if old is not None:
-        configs += [("old", c, old._launch) for c in old.CONFIGS]
+        old_configs = old.candidates(layouts[0]) if hasattr(old, "candidates") else old.CONFIGS
+        configs += [("old", c, old._launch) for c in old_configs]
     for kind, config, launch in configs:
         name = f"{kind} {','.join(map(str, config))}"
         try:
@@ -175,7 +180,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="bf16, group 128 only")
     p.add_argument("--tuned-only", action="store_true", help="time the autotuned call, not every config")
-    p.add_argument("--old", type=Path, help="an older w4a16_gemv.py to time too (its CONFIGS through its _launch)")
+    p.add_argument("--old", type=Path, help="an older w4a16_gemv.py to time too (its candidates through its _launch)")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)

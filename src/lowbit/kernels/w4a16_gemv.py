@@ -3,32 +3,36 @@
 Memory-bound: 4096x4096 is 8 MiB of packed words, ~2.5 us at the H100's 3.35 TB/s; at that size a kernel launch and
 its tail cost as much as the reads, so every call is ONE launch:
 
-- A CTA owns BNB groups of R = 4 rows and loops over its share of K, CHUNKS chunks per step, accumulating the tile
-  (BNB, CHUNKS, KW, R) elementwise in float32 registers; the reduction over K (in-thread, then across lanes and
-  warps) happens once, at the end. No split when the row tiles alone fill the GPU (every LLaMA shape): the CTA
-  writes y (+ bias) itself.
-- Narrow N (few row tiles) splits K over SPLITS CTAs per row tile, reduced inside the same launch: each CTA stores
-  its float32 partial, then bumps the tile's counter (acq_rel); the CTA that sees SPLITS - 1 is the last, sums
-  the partials in split order (the same bits every run), adds the bias, writes y and resets the counter to zero,
-  so the counters stay reusable (also across CUDA-graph replays). Counters: eager calls keep one zeroed tensor per
-  (device, stream) (two streams never share one); a call being captured into a CUDA graph gets its own zeroed
-  counters (a fill node in the graph: a cached tensor made during capture is only zeroed when that graph replays).
-- 16-byte loads: the R words of one K position are adjacent in the layout, so each thread loads its BNB groups'
-  words as BNB 16-byte vectors; the activations of that position (8, one per nibble plane) are loaded once per
-  thread and reused for all BNB * R rows; scales and zeros once per chunk (a chunk lies in one group).
-- Per weight one shift, one mask-or (LOP3) and one float32 FMA: the nibble c in the top mantissa bits of 1.0 is
-  1 + c/16 exactly, and per chunk sum (c - z) x s = 16 s sum (1 + c/16) x - (16 + z) s sum x.
+- A CTA owns BNB groups of R = 4 rows and loops over its share of K, CHUNKS chunks per step. The tile is
+  (CHUNKS, KW, BNB, R), rows last: Triton then gives each thread ONE word position and all the row groups it owns
+  (BNB / 2 of them: CHUNKS * KW is half the threads), so one activation serves 4 * BNB / 2 rows, and the activations
+  (CHUNKS * KW of them, fewer than the threads) are loaded straight into the threads that use them. With more
+  positions than threads Triton routes x through shared memory (a barrier per nibble plane per step): the previous
+  kernel's (BNB, CHUNKS, KW, R) tiles with 16-chunk steps did, and issued ~5-8 SASS instructions per weight.
+- Split-K for narrow N (few row tiles), reduced inside the same launch: each CTA stores its float32 partial, then
+  bumps the tile's counter (acq_rel); the CTA that sees SPLITS - 1 is the last, sums the partials in split order
+  (the same bits every run), adds the bias, writes y and resets the counter to zero, so the counters stay reusable
+  (also across CUDA-graph replays). Counters: eager calls keep one zeroed tensor per (device, stream); a call being
+  captured into a CUDA graph gets its own zeroed counters (a fill node in the graph).
+- 16-byte loads: the R words of one K position are adjacent in the layout (one LDG.128 per row group); scales and
+  zeros 8 bytes per row group.
+- PREFETCH (default): the next step's words, scales and zeros are loaded before this step's math, so a CTA keeps
+  its reads in flight while it computes (register double buffering).
+- Per weight one mask-or (LOP3 with the mask in a register) and one float32 FMA, plus a shift: one per nibble, or
+  with PAIRED (16-bit activations) one per byte: the byte moved to bits 15..22 gives both nibbles as exact floats,
+  256 + c (bits 15..18) and 16 + c (bits 19..22). Per chunk and row sum (c - z) x = sum (BASE + c) x - sum BASE x
+  - z sum x; the x sums are shared by all rows. The cancellation costs 8 bits of float32's 24 for the 256 + c
+  nibbles, so float32 activations use 16 + c only (4 bits), as the previous kernel did.
 
-Measured on the H100 (CUDA graphs, bf16, group 128; benchmarks/gemv_sweep.py): 10.2 / 21.6 / 23.9 / 25.0 us for
-4096x4096 / 11008x4096 / 4096x11008 / 14336x4096, against 10.8 / 21.6 / 23.1 / 26.2 for the two-kernel version
-before it and 6.9 / 15.2 / 15.6 / 18.4 for torch's tinygemm: removing the second launch was worth ~0.5 us, not the
-gap. What limits it now is ~7 instructions per weight (the x loads, conversions and sums, the cross-lane reduction
-and address arithmetic on top of the 3 per weight) run after, not during, the loads: ~2 us of issue per 8 MiB that
-a deeper pipeline (prefetching the next step's words while computing this one) would hide.
+SASS for sm_90 (triton 3.6, compiled offline, bf16, chunk 128; instructions in the loop body per weight a thread
+handles): previous kernel's tiles 5.2 (2,16,4), 5.3 (1,16,2), 7.7 (1,16,4), with a shared-memory round trip and
+two barriers per nibble plane; this kernel 4.4 (8,4,4), 4.4 (8,2,2), 4.2 (8,1,1), 5.0 (4,4,4), no shared memory or
+barrier in the loop, no spills. The 2.5 of them that are the shift / LOP3 / FMA core are the floor of this scheme;
+the rest is bf16 -> float32 conversion of x, scales and zeros, the zero-point correction and addresses.
 
-Tuning: on CUDA a small search (L2 flushed) picks (BNB, CHUNKS, warps, splits) per (N, K, chunk, group, dtypes) once,
-eagerly (a call under graph capture that finds no tuned entry uses the heuristic tile); ``LOWBIT_AUTOTUNE=0`` and
-the CPU interpreter use the heuristic tile.
+Tuning: on CUDA a small search (L2 flushed) picks (BNB, CHUNKS, warps, splits, prefetch) per (N, K, chunk, group,
+dtypes) once, eagerly (a call under graph capture that finds no tuned entry uses the heuristic tile);
+``LOWBIT_AUTOTUNE=0`` and the CPU interpreter use the heuristic tile.
 """
 
 from __future__ import annotations
@@ -46,67 +50,92 @@ except ImportError:  # the reference path needs no Triton
     triton = None
 
 R = 4  # rows whose words at one K position are adjacent in the layout (w4a16.ROWS)
-NIBBLE_MASK = 0x780000  # bits 19..22 of a float32; a runtime argument so it stays in a register
-# (BNB row groups per CTA, CHUNKS per loop step, warps): 4-8 rows per CTA, 1-8 KiB of words per step. Measured on
-# the H100 (benchmarks/gemv_sweep.py): 2,16,4 is best or within 5% on 4096-14336 x 4096-11008; 1,32,4 on 1024x4096;
-# 64-128 chunk steps were 1.5-4x slower everywhere (register-bound occupancy) and are not tried, nor 1,32,2 (never
-# best; spills on triton 3.9). No tile spills for sm_90 on triton 3.6 or 3.9 (56-200 registers).
-TILES = ((2, 16, 4), (1, 16, 2), (1, 16, 4), (1, 32, 4), (2, 32, 4), (2, 32, 8), (2, 8, 2), (1, 8, 1))
+MASK_LO, MASK_HI = 0x78000, 0x780000  # bits 15..18 and 19..22; runtime arguments so LOP3 keeps them in registers
+# (BNB row groups per CTA, warps): CHUNKS follows as 16 * warps // KW (positions per step = half the threads).
+TILES = ((8, 4), (8, 2), (8, 1), (4, 4), (4, 2), (4, 1))
 MIN_CTAS = 2 * 132  # fewer row tiles than this: split K (split-K lost to no split at 256 row tiles on the H100)
-_tuned: dict = {}  # (shape, dtypes, device) -> (bnb, chunks, warps, splits)
+_tuned: dict = {}  # (shape, dtypes, device) -> (bnb, chunks, warps, splits, prefetch)
 _counters: dict = {}  # (device, stream) -> zeroed int32 counters (the last CTA of a split tile resets its own)
 
 if triton is not None:
     _SUM = tl.standard._sum_combine  # tl.reduce with triton's combine: the interpreter maps it to numpy
 
     @triton.jit
-    def _unit_code(words, mask, I: tl.constexpr):
-        """1 + nibble I / 16 as a float32: one shift and one mask-or (LOP3) per weight."""
+    def _units(words, MASK_LO, MASK_HI, I: tl.constexpr, PAIRED: tl.constexpr):
+        """Nibble I of ``words`` as an exact float BASE + c (BASE 16, or 256 for even I when PAIRED): a shift (shared
+        by the two nibbles of a byte when PAIRED) and one mask-or (LOP3) put c in the top mantissa bits."""
+        if PAIRED:  # byte I // 2 moved to bits 15..22: the even nibble gives 256 + c, the odd one 16 + c
+            if I // 2 < 2:
+                moved = words << (15 - 8 * (I // 2))
+            else:
+                moved = words >> (8 * (I // 2) - 15)
+            if I % 2 == 0:
+                return ((moved & MASK_LO) | 0x43800000).to(tl.float32, bitcast=True)
+            return ((moved & MASK_HI) | 0x41800000).to(tl.float32, bitcast=True)
         if I < 5:
             moved = words << (19 - 4 * I)
         else:
             moved = words >> (4 * I - 19)
-        return ((moved & mask) | 0x3F800000).to(tl.float32, bitcast=True)
+        return ((moved & MASK_HI) | 0x41800000).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, N, NP, K, ROW_STRIDE, CPS, SPLITS,
-                     NIBBLE_MASK, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, KW: tl.constexpr, R: tl.constexpr,
-                     CPG: tl.constexpr, BNB: tl.constexpr, CHUNKS: tl.constexpr):
-        # Tile (BNB row groups, CHUNKS, KW word positions, R rows): the R words are one 16-byte vector, threads
-        # spread over (chunk, position), each holding all BNB groups, so one activation serves BNB * R rows.
+                     MASK_LO, MASK_HI, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, KW: tl.constexpr,
+                     R: tl.constexpr, CPG: tl.constexpr, BNB: tl.constexpr, CHUNKS: tl.constexpr,
+                     PREFETCH: tl.constexpr, PAIRED: tl.constexpr):
         C: tl.constexpr = 8 * KW
-        b = tl.arange(0, BNB)
-        u = tl.arange(0, CHUNKS)
-        j = tl.arange(0, KW)
-        r = tl.arange(0, R)
+        u = tl.arange(0, CHUNKS)[:, None, None, None]
+        j = tl.arange(0, KW)[None, :, None, None]
+        b = tl.arange(0, BNB)[None, None, :, None]
+        r = tl.arange(0, R)[None, None, None, :]
         tile = tl.program_id(0)
         grp = tile * BNB + b
         g_ok = grp < NP // R
-        start = tl.program_id(1) * CPS  # this CTA's chunks: [start, end)
+        start = tl.program_id(1) * CPS
         end = tl.minimum(start + CPS, K // C)
-        w_offs = (grp[:, None, None, None] * ROW_STRIDE + (u[:, None] * (KW * R) + j[None, :] * R)[None, :, :, None]
-                  + r[None, None, None, :])
-        m_offs = (grp[:, None] * R + r[None, :])[:, None, :]  # (BNB, 1, R): the rows' scales in one group
-        acc = tl.full((BNB, CHUNKS, KW, R), 0, tl.float32)
+        w_offs = grp * ROW_STRIDE + u * (KW * R) + j * R + r  # (CHUNKS, KW, BNB, R)
+        m_offs = grp * R + r + j * 0  # the rows' scale, the same for every position of a chunk
+        xu = tl.arange(0, CHUNKS)[:, None]
+        xj = tl.arange(0, KW)[None, :]
+        acc = tl.full((CHUNKS, KW, BNB, R), 0, tl.float32)
+        ok = g_ok & (start + u < end)
+        w = tl.load(w_ptr + start * (KW * R) + w_offs, mask=ok)  # no fill: s = 0 there cancels any words
+        s = tl.load(s_ptr + ((start + u) // CPG) * NP + m_offs, mask=ok, other=0)
+        z = tl.load(z_ptr + ((start + u) // CPG) * NP + m_offs, mask=ok, other=0)
         for c0 in range(start, end, CHUNKS):
-            chunk = c0 + u
-            c_ok = chunk < end
-            ok = g_ok[:, None] & c_ok[None, :]  # (BNB, CHUNKS)
-            w = tl.load(w_ptr + c0 * (KW * R) + w_offs, mask=ok[:, :, None, None], other=0)
-            meta = (chunk // CPG)[None, :, None] * NP + m_offs  # (BNB, CHUNKS, R)
-            s = tl.load(s_ptr + meta, mask=ok[:, :, None], other=0).to(tl.float32)
-            z = tl.load(z_ptr + meta, mask=ok[:, :, None], other=0).to(tl.float32)
-            x_ptrs = x_ptr + chunk[:, None] * C + j[None, :]  # (CHUNKS, KW): plane i of a chunk is x[i*KW + j]
-            part = tl.full((BNB, CHUNKS, KW, R), 0, tl.float32)
+            if PREFETCH:  # the next step's words, scales and zeros are in flight while this step computes
+                n_ok = g_ok & (c0 + CHUNKS + u < end)
+                w_next = tl.load(w_ptr + (c0 + CHUNKS) * (KW * R) + w_offs, mask=n_ok)
+                s_next = tl.load(s_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
+                z_next = tl.load(z_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
+            x_ptrs = x_ptr + (c0 + xu) * C + xj
+            x_ok = c0 + xu < end
+            part = tl.full((CHUNKS, KW, BNB, R), 0, tl.float32)
             x_sum = tl.full((CHUNKS, KW), 0, tl.float32)
+            x_even = tl.full((CHUNKS, KW), 0, tl.float32)
             for i in tl.static_range(8):
-                xi = tl.load(x_ptrs + i * KW, mask=c_ok[:, None], other=0).to(tl.float32)
-                part += _unit_code(w, NIBBLE_MASK, i) * xi[None, :, :, None]
+                xi = tl.load(x_ptrs + i * KW, mask=x_ok, other=0).to(tl.float32)
+                part += _units(w, MASK_LO, MASK_HI, i, PAIRED) * xi[:, :, None, None]
                 x_sum += xi
-            # sum (c - z) x s = 16 s sum (1 + c/16) x - (16 + z) s sum x; the cancellation costs ~4 bits of 24
-            acc += (16.0 * s)[:, :, None, :] * part - ((z + 16.0) * s)[:, :, None, :] * x_sum[None, :, :, None]
-        # chunks first: a thread holds several chunks of one position (in-register adds), then the lanes over KW
-        y = tl.reshape(tl.reduce(tl.reduce(acc, 1, _SUM), 1, _SUM), (BNB * R,))
+                if PAIRED and i % 2 == 0:
+                    x_even += xi
+            if PAIRED:
+                x_base = 16.0 * x_sum + 240.0 * x_even  # sum BASE_i x_i
+            else:
+                x_base = 16.0 * x_sum
+            # sum (c - z) x = sum (BASE + c) x - sum BASE x - z sum x
+            corr = x_base[:, :, None, None] + z.to(tl.float32) * x_sum[:, :, None, None]
+            acc += s.to(tl.float32) * (part - corr)
+            if PREFETCH:
+                w = w_next
+                s = s_next
+                z = z_next
+            else:
+                n_ok = g_ok & (c0 + CHUNKS + u < end)
+                w = tl.load(w_ptr + (c0 + CHUNKS) * (KW * R) + w_offs, mask=n_ok)
+                s = tl.load(s_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
+                z = tl.load(z_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
+        y = tl.reshape(tl.reduce(tl.reduce(acc, 0, _SUM), 0, _SUM), (BNB * R,))
         rows = tile * (BNB * R) + tl.arange(0, BNB * R)
         if SPLIT:
             tl.store(p_ptr + tl.program_id(1) * NP + rows, y, mask=rows < NP)
@@ -127,20 +156,22 @@ if triton is not None:
 
 def auto_splits(layout, tile) -> int:
     """K splits for a tile: enough CTAs for MIN_CTAS when the row tiles alone are fewer, each split >= one step."""
-    bnb, chunks, _ = tile
+    bnb, chunks = tile[0], tile[1]
     tiles = triton.cdiv(layout.padded_rows // R, bnb)
     steps = triton.cdiv(layout.in_features // layout.chunk, chunks)
     return max(1, min(steps, MIN_CTAS // tiles))
 
 
+def tile_chunks(layout, warps: int) -> int:
+    """Chunks per step so that a step has half as many word positions as the CTA has threads (at least one)."""
+    return max(1, 16 * warps // (layout.chunk // 8))
+
+
 def heuristic(layout) -> tuple:
-    """The untuned config: 8 rows per 128-thread CTA when that still gives MIN_CTAS row tiles, else 4 rows
-    (CPU interpreter: 4 rows, 4 chunks per step, one warp)."""
-    if interpreting():
-        tile = (1, 4, 1)
-    else:
-        tile = (2, 16, 4) if layout.padded_rows // (2 * R) >= MIN_CTAS else (1, 32, 4)
-    return tile + (auto_splits(layout, tile),)
+    """The untuned config: 32 rows per 128-thread CTA, split K for narrow N, prefetching (CPU interpreter: 4 rows,
+    4 chunks per step, one warp)."""
+    tile = (1, 4, 1) if interpreting() else (8, tile_chunks(layout, 4), 4)
+    return tile + (auto_splits(layout, tile), True)
 
 
 def _counter_tensor(device: torch.device, tiles: int) -> torch.Tensor:
@@ -156,7 +187,9 @@ def _counter_tensor(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 def _launch(x, layout, bias, y, config) -> None:
-    bnb, chunks, warps, splits = config
+    """One launch with config (BNB, CHUNKS, warps, splits[, prefetch]); prefetch defaults to on."""
+    bnb, chunks, warps, splits = config[:4]
+    prefetch = bool(config[4]) if len(config) > 4 else True
     n, k = layout.out_features, layout.in_features
     steps = triton.cdiv(k // layout.chunk, chunks)
     per_split = triton.cdiv(steps, max(1, min(splits, steps)))  # loop steps per CTA
@@ -169,17 +202,22 @@ def _launch(x, layout, bias, y, config) -> None:
         partial = counters = y  # unused
     _gemv_kernel[(tiles, splits)](x, layout.words, layout.scales, layout.zeros, y if bias is None else bias, y,
                                   partial, counters, n, layout.padded_rows, k, k // 8 * R, per_split * chunks, splits,
-                                  NIBBLE_MASK, HAS_BIAS=bias is not None, SPLIT=splits > 1, KW=layout.chunk // 8, R=R,
-                                  CPG=layout.group_size // layout.chunk, BNB=bnb, CHUNKS=chunks, num_warps=warps)
+                                  MASK_LO, MASK_HI, HAS_BIAS=bias is not None, SPLIT=splits > 1,
+                                  KW=layout.chunk // 8, R=R, CPG=layout.group_size // layout.chunk, BNB=bnb,
+                                  CHUNKS=chunks, PREFETCH=prefetch, PAIRED=x.dtype != torch.float32,
+                                  num_warps=warps)
 
 
 def candidates(layout) -> list:
-    """Configs the tuner times: each tile unsplit, and split as ``auto_splits`` says when that is more than one."""
+    """Configs the tuner times: each tile prefetching, unsplit and split as ``auto_splits`` says when that is more
+    than one; the first three tiles also without prefetch (the loads then wait for the step's math)."""
     out = []
-    for tile in TILES:
-        out.append(tile + (1,))
-        if auto_splits(layout, tile) > 1:
-            out.append(tile + (auto_splits(layout, tile),))
+    for index, (bnb, warps) in enumerate(TILES):
+        tile = (bnb, tile_chunks(layout, warps), warps)
+        for prefetch in (True, False) if index < 3 else (True,):
+            out.append(tile + (1, prefetch))
+            if auto_splits(layout, tile) > 1:
+                out.append(tile + (auto_splits(layout, tile), prefetch))
     return out
 
 

@@ -1,0 +1,138 @@
+"""The W4A16 batch-1 GEMV (``lowbit.kernels.w4a16_gemv``) against ``F.linear(x, weight.dequantize())``: every
+constexpr path (prefetch on/off, paired shifts for 16-bit activations, split or not) and every tile the tuner
+times, on odd shapes (K = 576 and 1536, N not a multiple of the tile), fp16/bf16/fp32, bias or not, group
+32/64/128/per-channel. CPU interpreter or CUDA."""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import kernel_device
+
+from lowbit.kernels.weights import PackedWeight
+
+KERNEL_MODULES = ("lowbit.kernels.w4a16",)
+# |kernel - float32 truth| <= TOL * (|x| @ |W|.T), as in test_w4a16.py
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(scope="module")
+def w4a16(triton_path):
+    triton_path(*KERNEL_MODULES, autotune=False)
+    return importlib.import_module("lowbit.kernels.w4a16")
+
+
+def _case(w4a16, n, k, group, dtype, bias, seed=0, scale_x=1.0):
+    device = kernel_device()
+    gen = torch.Generator().manual_seed(seed + n + k)
+    w = torch.randn(n, k, generator=gen) * (1 + torch.rand(n, 1, generator=gen))
+    weight = PackedWeight.quantize(w, 4, group).to(device)
+    x = (torch.randn(1, k, generator=gen) * scale_x).to(device, dtype)
+    b = torch.randn(n, generator=gen).to(device, dtype) if bias else None
+    return weight, x, b, w4a16.prepare_w4a16(weight, dtype)
+
+
+def _check(y, x, weight, bias=None):
+    truth = F.linear(x.float(), weight.dequantize(), None if bias is None else bias.float())
+    bound = TOL[x.dtype] * (x.float().abs() @ weight.dequantize().abs().T) + 1e-6
+    assert y.dtype == x.dtype and y.shape == truth.shape
+    excess = ((y.float() - truth).abs() - bound).max().item()
+    assert excess <= 0, f"error exceeds the bound by {excess:.3g}"
+
+
+def _run(gemv, x, layout, b, config):
+    y = torch.full((1, layout.out_features), float("nan"), dtype=x.dtype, device=x.device)
+    gemv._launch(x, layout, b, y, config)
+    return y
+
+
+CASES = [  # (N, K, group, dtype, bias, config (BNB, CHUNKS, warps, splits, prefetch))
+    (33, 1536, 128, torch.bfloat16, True, (2, 2, 1, 1, True)),  # paired shifts, prefetch, 6 steps, odd N
+    (33, 1536, 128, torch.bfloat16, True, (2, 2, 1, 1, False)),  # the same without prefetch
+    (40, 576, 64, torch.float16, False, (4, 2, 1, 3, True)),  # chunk 64 (KW 8), split 3, last step masked
+    (37, 576, 64, torch.float32, True, (2, 4, 1, 2, True)),  # float32: unpaired shifts, split
+    (24, 576, 576, torch.float16, True, (1, 2, 1, 1, True)),  # per-channel, 9 chunks in 5 steps, last masked
+    (37, 1536, 1536, torch.bfloat16, False, (8, 4, 1, 2, False)),  # per-channel, split, no prefetch, 8 groups
+    (20, 576, 32, torch.float32, False, (1, 4, 1, 5, True)),  # chunk 32 (KW 4): 18 chunks in 5 splits
+    (9, 1536, 128, torch.float16, True, (8, 1, 1, 4, True)),  # more row groups than rows
+]
+
+
+@pytest.mark.parametrize("n,k,group,dtype,bias,config", CASES)
+def test_gemv_paths_match_reference(w4a16, n, k, group, dtype, bias, config):
+    """Each path is correct, gives the same bits twice, and leaves a split launch's counters zeroed."""
+    gemv = w4a16.w4a16_gemv
+    weight, x, b, layout = _case(w4a16, n, k, group, dtype, bias)
+    first, second = _run(gemv, x, layout, b, config), _run(gemv, x, layout, b, config)
+    _check(first, x, weight, b)
+    assert torch.equal(first, second)
+    assert all(int(c.abs().sum()) == 0 for c in gemv._counters.values())
+
+
+def test_prefetch_does_not_change_the_bits(w4a16):
+    """Prefetching only moves loads: the same sums in the same order, so the same bits."""
+    gemv = w4a16.w4a16_gemv
+    weight, x, b, layout = _case(w4a16, 45, 1536, 128, torch.bfloat16, True)
+    assert torch.equal(_run(gemv, x, layout, b, (2, 2, 1, 2, True)), _run(gemv, x, layout, b, (2, 2, 1, 2, False)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_tuner_candidate_is_correct(w4a16, dtype):
+    """Every config ``candidates`` lists (what the GPU tuner may pick) on a shape that splits K."""
+    gemv = w4a16.w4a16_gemv
+    weight, x, b, layout = _case(w4a16, 52, 1536, 64, dtype, True)
+    configs = gemv.candidates(layout)
+    assert any(c[3] > 1 for c in configs) and any(not c[4] for c in configs)
+    for config in configs:
+        _check(_run(gemv, x, layout, b, config), x, weight, b)
+
+
+def test_large_activations_and_scales_stay_accurate(w4a16):
+    """fp16 activations in the hundreds: (256 + c) x stays well inside float32, the bound holds."""
+    gemv = w4a16.w4a16_gemv
+    weight, x, b, layout = _case(w4a16, 17, 576, 64, torch.float16, False, scale_x=300.0)
+    _check(_run(gemv, x, layout, b, (4, 2, 1, 1, True)), x, weight, b)
+
+
+def test_heuristic_and_candidates_shapes(w4a16):
+    """CHUNKS follows the chunk width (half as many positions per step as threads); 4-field configs still work."""
+    gemv = w4a16.w4a16_gemv
+    wide = w4a16.W4A16Layout(torch.empty(1024, 1, 1), None, None, 128, 128, 4096, 4096)
+    assert gemv.tile_chunks(wide, 4) == 4 and gemv.tile_chunks(wide, 1) == 1
+    narrow_chunk = w4a16.W4A16Layout(torch.empty(1024, 1, 1), None, None, 32, 32, 4096, 4096)
+    assert gemv.tile_chunks(narrow_chunk, 2) == 8
+    for config in gemv.candidates(wide):
+        bnb, chunks, warps, splits, prefetch = config
+        assert chunks * (wide.chunk // 8) * 2 == 32 * warps and splits >= 1 and isinstance(prefetch, bool)
+    weight, x, b, layout = _case(w4a16, 33, 576, 64, torch.bfloat16, False)
+    _check(_run(gemv, x, layout, b, (1, 4, 1, 1)), x, weight, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n,k,group", [(4096, 4096, 128), (1024, 4096, 128), (4096, 11008, 11008)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_llama_shapes_every_candidate_on_gpu(w4a16, n, k, group, dtype):
+    """On the GPU every tuner candidate compiles, is correct, deterministic, and replays from a CUDA graph."""
+    gemv = w4a16.w4a16_gemv
+    weight, x, b, layout = _case(w4a16, n, k, group, dtype, False)
+    y = torch.empty((1, n), dtype=dtype, device="cuda")
+    for config in gemv.candidates(layout):
+        gemv._launch(x, layout, None, y, config)
+        eager = y.clone()
+        _check(eager, x, weight)
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            gemv._launch(x, layout, None, y, config)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            gemv._launch(x, layout, None, y, config)
+        for _ in range(2):
+            y.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y, eager), config
