@@ -47,7 +47,7 @@ def _no_reference(module, monkeypatch):
     monkeypatch.setattr(module, "w4a16_linear_reference", boom)
 
 
-CASES = [  # (M, N, K, group, dtype, symmetric, bias): M=1 GEMV, 2..64 the fused GEMM, above it dequantize + matmul
+CASES = [  # (M, N, K, group, dtype, symmetric, bias): M=1 the GEMV, M >= 2 the fused GEMM (heuristic config)
     (1, 40, 576, 64, torch.float32, False, True),
     (1, 33, 1536, 128, torch.bfloat16, False, False),
     (1, 24, 576, 576, torch.float16, True, True),
@@ -186,6 +186,46 @@ def test_llama_shapes_on_gpu(monkeypatch, w4a16, m, n, k, group):
     weight = _weight(n, k, group, device="cuda")
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     _check_close(w4a16.w4a16_linear(x, weight), x, weight)
+
+
+GEMM_CASES = [  # (M, N, K, group, dtype, bias, config (BLOCK_N, BLOCK_M, WP, warps, stages, splits) or "dequant")
+    (17, 40, 576, 64, torch.float16, True, (32, 16, 16, 4, 4, 1)),  # 2 groups per step; K tail (72 words)
+    (5, 33, 1536, 128, torch.bfloat16, False, (32, 16, 32, 4, 3, 3)),  # split K in 3, one group per step
+    (2, 37, 576, 576, torch.float32, True, (32, 16, 16, 4, 4, 2)),  # per-channel 576: steps straddle no group
+    (40, 24, 1536, 1536, torch.float16, True, (64, 32, 16, 4, 4, 4)),  # per-channel, split, bias on split 0
+    (70, 20, 576, 64, torch.bfloat16, False, "dequant"),  # whole-weight dequantize + matmul
+    (3, 24, 512, 32, torch.float16, False, (32, 16, 16, 4, 4, 1)),  # chunk 32: KW 4, 4 groups per step
+]
+
+
+@pytest.mark.parametrize("m,n,k,group,dtype,bias,config", GEMM_CASES)
+def test_gemm_configs(w4a16, m, n, k, group, dtype, bias, config):
+    """The M >= 2 paths launched with explicit configs: odd shapes, K tails, split K, group sizes, every dtype."""
+    gemm = w4a16.w4a16_gemm
+    device = kernel_device()
+    weight = _weight(n, k, group, seed=m + k, device=device)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen).to(device, dtype)
+    b = torch.randn(n, generator=gen).to(device, dtype) if bias else None
+    layout = w4a16.prepare_w4a16(weight, dtype)
+    y = gemm.launch(x, weight, layout, b, config)
+    _check_close(y, x, weight, b)
+    assert torch.equal(y, gemm.launch(x, weight, layout, b, config))
+
+
+def test_gemm_candidates_and_splits(w4a16):
+    """Small M: the bucket's own row tile, split K only where the output tiles are too few; large M: the wide tiles
+    and dequantize + cuBLAS."""
+    gemm = w4a16.w4a16_gemm
+    narrow = w4a16.W4A16Layout(torch.empty(1024, 1, 1), None, None, 128, 128, 4096, 4096)
+    wide = w4a16.W4A16Layout(torch.empty(2752, 1, 1), None, None, 128, 128, 4096, 11008)
+    assert gemm.bucket(2) == 16 and gemm.bucket(33) == 64 and gemm.bucket(65) == 128 and gemm.bucket(9000) == 4096
+    assert gemm.auto_splits(narrow, 16, 64, 16, 16) == 4  # 64 tiles: 4 splits of 8 steps
+    assert gemm.auto_splits(wide, 16, 64, 16, 16) == 1  # 172 tiles: 1 (>= MIN_CTAS / 2)
+    small = gemm.candidates(narrow, 16)
+    assert all(c[1] == 16 for c in small) and any(c[5] > 1 for c in small)
+    large = gemm.candidates(narrow, 512)
+    assert gemm.DEQUANT in large and all(c == gemm.DEQUANT or c[1] <= 512 for c in large)
 
 
 GEMV_CASES = [  # (N, K, group, dtype, bias, config (BNB, CHUNKS, warps, splits)): odd N, per-channel and grouped
