@@ -43,6 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-lm", action="store_true", help="only the GEMM, kernel and layer benchmarks")
+    p.add_argument("--layer-only", action="store_true", help="only the layer, its parts and the backward detail")
+    p.add_argument("--compare-sampling", action="store_true",
+                   help="also time the sampled layer and backward with LOWBIT_SAMPLING=reference (the pure-PyTorch "
+                        "sampling, ~40 ops per product, as before the fused sampling kernels) in the same run")
     p.add_argument("--out", type=Path, default=RESULTS / "train_kernels.json")
     args = p.parse_args(argv)
     if args.quick:
@@ -129,7 +133,22 @@ def bench_fused(m: int, k: int, iters: int) -> list[dict]:
     return rows
 
 
-def bench_layer(tokens: int, width: int, iters: int, seed: int) -> list[dict]:
+def with_sampling(mode: str | None, fn):
+    """``fn`` run under ``LOWBIT_SAMPLING=mode`` (None: as set)."""
+    if mode is None:
+        return fn
+
+    def run():
+        old = os.environ.get("LOWBIT_SAMPLING")
+        os.environ["LOWBIT_SAMPLING"] = mode
+        try:
+            return fn()
+        finally:
+            os.environ.pop("LOWBIT_SAMPLING") if old is None else os.environ.__setitem__("LOWBIT_SAMPLING", old)
+    return run
+
+
+def bench_layer(tokens: int, width: int, iters: int, seed: int, compare: bool = False) -> list[dict]:
     """Forward + backward of one linear layer: bf16 ``nn.Linear`` vs the 4-bit HQ+LSS layer (fp32 master weight,
     bf16 autocast, as in training)."""
     from lowbit.train.config import TrainQuantConfig
@@ -143,12 +162,16 @@ def bench_layer(tokens: int, width: int, iters: int, seed: int) -> list[dict]:
     def run_dense():
         dense(x).backward(gy)
 
-    layers = {"4-bit HQ+LSS (ratio 0.5)": TrainQuantConfig(),
-              "4-bit HQ, no sampling (ratio 1)": TrainQuantConfig(sampling_ratio=1.0)}
+    layers = {"4-bit HQ+LSS (ratio 0.5)": (TrainQuantConfig(), None),
+              "4-bit HQ, no sampling (ratio 1)": (TrainQuantConfig(sampling_ratio=1.0), None)}
+    if compare:
+        layers["4-bit HQ+LSS (ratio 0.5), reference sampling"] = (TrainQuantConfig(), "reference")
+        layers["4-bit HQ, no sampling (ratio 1), reference sampling"] = (TrainQuantConfig(sampling_ratio=1.0),
+                                                                         "reference")
     base = median_ms(run_dense, iters)
     rows = [{"bench": "layer", "path": "bf16 nn.Linear", "shape": f"{tokens}x{width}x{width}", "ms": round(base, 4),
              "speedup_vs_bf16": 1.0}]
-    for name, cfg in layers.items():
+    for name, (cfg, mode) in layers.items():
         layer = QuantTrainLinear(nn.Linear(width, width, bias=False, device="cuda"), cfg)
 
         def run_quant(layer=layer):
@@ -156,7 +179,7 @@ def bench_layer(tokens: int, width: int, iters: int, seed: int) -> list[dict]:
                 y = layer(x)
             y.backward(gy)
 
-        ms = median_ms(run_quant, iters)
+        ms = median_ms(with_sampling(mode, run_quant), iters)
         rows.append({"bench": "layer", "path": name, "shape": f"{tokens}x{width}x{width}", "ms": round(ms, 4),
                      "speedup_vs_bf16": round(base / ms, 3)})
     return rows
@@ -193,7 +216,7 @@ def bench_layer_parts(tokens: int, width: int, iters: int) -> list[dict]:
              "ms": round(median_ms(fn, iters), 4)} for name, fn in parts.items()]
 
 
-def bench_backward_detail(tokens: int, width: int, iters: int) -> list[dict]:
+def bench_backward_detail(tokens: int, width: int, iters: int, compare: bool = False) -> list[dict]:
     """The sampled backward's pieces (not in the parts' sum): grad-weight with sampling off (all 2N split rows in
     the reduction) vs on, and its packed GEMM alone over N kept rows (the floor: about one INT8 GEMM)."""
     import lowbit.train.backward as bwd
@@ -215,6 +238,9 @@ def bench_backward_detail(tokens: int, width: int, iters: int) -> list[dict]:
         "grad-input, ratio 1": lambda: bwd.int4_grad_input(rows, weight, wq, 1.0, gen, 4, sq),
         "int8 transpose of W (grad-input operand)": lambda: sampled_gemm.transpose_int8(wq),
     }
+    if compare:
+        for name in [n for n in cases if n.startswith("grad-")]:
+            cases[name + ", reference sampling"] = with_sampling("reference", cases[name])
     return [{"bench": "backward_detail", "path": name, "shape": f"{tokens}x{width}x{width}",
              "ms": round(median_ms(fn, iters), 4)} for name, fn in cases.items()]
 
@@ -277,23 +303,25 @@ def main(argv=None) -> int:
         raise LowbitError("benchmarks/train_kernels.py needs a CUDA GPU (the kernels' CPU tests live in tests/kernels)")
     os.environ.setdefault("LOWBIT_KERNELS", "auto")
     device = torch.cuda.get_device_name()
-    rows = bench_gemms(args.tokens, args.width, args.width, args.iters)
-    print_markdown(["GEMM", "shape", "ms", "TFLOP/s", "x bf16", "exact"],
-                   [f"| {r['path']} | {r['shape']} | {r['ms']} | {r['tflops']} | {r['speedup_vs_bf16']} | {r['exact']} |"
-                    for r in rows])
-    fused = bench_fused(args.tokens, args.width, args.iters)
-    print_markdown(["fused kernel", "shape", "ms", "GB/s"],
-                   [f"| {r['path']} | {r['shape']} | {r['ms']} | {r['gbps']} |" for r in fused])
-    layer = bench_layer(args.tokens, args.width, args.iters, args.seed)
+    rows, fused = [], []
+    if not args.layer_only:
+        rows = bench_gemms(args.tokens, args.width, args.width, args.iters)
+        print_markdown(["GEMM", "shape", "ms", "TFLOP/s", "x bf16", "exact"],
+                       [f"| {r['path']} | {r['shape']} | {r['ms']} | {r['tflops']} | {r['speedup_vs_bf16']} | "
+                        f"{r['exact']} |" for r in rows])
+        fused = bench_fused(args.tokens, args.width, args.iters)
+        print_markdown(["fused kernel", "shape", "ms", "GB/s"],
+                       [f"| {r['path']} | {r['shape']} | {r['ms']} | {r['gbps']} |" for r in fused])
+    layer = bench_layer(args.tokens, args.width, args.iters, args.seed, args.compare_sampling)
     print_markdown(["layer fwd+bwd", "shape", "ms", "x bf16 (goal 1.5)"],
                    [f"| {r['path']} | {r['shape']} | {r['ms']} | {r['speedup_vs_bf16']} |" for r in layer])
     parts = bench_layer_parts(args.tokens, args.width, args.iters)
     print_markdown(["4-bit layer part", "shape", "ms"], [f"| {r['path']} | {r['shape']} | {r['ms']} |" for r in parts]
                    + [f"| sum of parts | | {round(sum(r['ms'] for r in parts), 4)} |"])
-    detail = bench_backward_detail(args.tokens, args.width, args.iters)
+    detail = bench_backward_detail(args.tokens, args.width, args.iters, args.compare_sampling)
     print_markdown(["4-bit backward detail", "shape", "ms"], [f"| {r['path']} | {r['shape']} | {r['ms']} |" for r in detail])
     rows += fused + layer + parts + detail
-    if not args.skip_lm:
+    if not (args.skip_lm or args.layer_only):
         lm = bench_lm(args)
         print_markdown(["LM training step", "params (M)", "ms/step", "x bf16 (goal 1.25)"],
                        [f"| {r['path']} | {r['params_m']} | {r['ms']} | {r['speedup_vs_bf16']} |" for r in lm])

@@ -163,11 +163,14 @@ def test_training_layer_on_gpu_matches_reference(device, monkeypatch, cfg):
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5])
 def test_padded_sync_free_backward_equals_compact(device, monkeypatch, ratio):
-    """The CUDA backward's padded samples (kept rows first, device-side count, gathered GEMM) give exactly the
-    estimates of the compact reference path from the same random draws, int8 and float32 operands alike."""
+    """The reference backend's padded samples on CUDA (kept rows first, device-side count, gathered product) give
+    exactly the estimates of the compact path from the same random draws, int8 and float32 operands alike. (The
+    Triton backend's fused samples are checked against the reference in ``test_sampled_backward_kernels_equal_
+    reference``.)"""
     import lowbit.train.backward as bwd
     from lowbit.train.sampling import sample_rows
 
+    monkeypatch.setenv("LOWBIT_KERNELS", "reference")
     grad, qw, qx = bwd.heavy_tailed_problem(7)
     grad, qw, qx = grad.to(device), qw.to(device), qx.to(device)
     results = {}
@@ -201,8 +204,9 @@ def test_int8_gemm_scatter_into_equals_reference(device):
 @pytest.mark.parametrize("ratio", [1.0, 0.5, 0.25])
 @pytest.mark.parametrize("padded", [False, True])
 def test_sampled_backward_kernels_equal_reference(device, monkeypatch, ratio, padded):
-    """Grad-weight as one GEMM gathering along its reduction (re-quantizing the sampled rows in its loads) and
-    grad-input scattered from the gathered GEMM equal the reference backend's products bit for bit."""
+    """The fused sample, grad-weight as one GEMM gathering along its reduction (re-quantizing the sampled rows in
+    its loads) and grad-input scattered from the gathered GEMM equal the reference backend's (compact or padded)
+    products bit for bit."""
     import lowbit.train.backward as bwd
     from lowbit.train.sampling import sample_rows
 

@@ -111,3 +111,109 @@ def test_sampled_backward_is_sync_free_on_gpu(device, ratio):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert gw.shape == (576, 1536) and gi.shape == (512, 1536) and gw.abs().sum() > 0
+
+
+def _scored_rows(n, k, seed, device, zeros=0, ties=False):
+    """Split-row squared norms (exact integers, some rows zero), row weights 14/s and 1/s, int8 qx."""
+    gen = torch.Generator().manual_seed(seed)
+    sq = torch.randint(0, 400, (2 * n,), generator=gen).float() * torch.logspace(0, 2, 2 * n).round()
+    sq[torch.randperm(2 * n, generator=gen)[:zeros]] = 0
+    if ties:
+        sq[: n // 2] = sq[0]
+    weight = torch.cat([torch.full((n,), 14.0), torch.ones(n)]) / 26.3
+    qx = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8) * (torch.rand(n, 1, generator=gen) < 0.8)
+    u = torch.rand(2 * n, generator=gen)
+    return tuple(t.to(device) for t in (sq, weight, qx.to(torch.int8), u))
+
+
+PLAN_CASES = [(70, 40, 0, False), (3, 8, 0, False), (50, 33, 60, True), (40, 16, 80, False), (1, 4, 0, False)]
+
+
+@pytest.mark.parametrize("n,k,zeros,ties", PLAN_CASES)
+def test_row_scores_equal_reference(device, n, k, zeros, ties):
+    from lowbit.kernels.sampled_gemm import row_scores
+    from lowbit.train.backward import row_scores_reference
+
+    sq, weight, qx, _ = _scored_rows(n, k, n + k, device, zeros, ties)
+    for x in (None, qx):
+        got, want = row_scores(sq, weight, x), row_scores_reference(sq, weight, x)
+        assert got[0].dtype == torch.float64 and torch.equal(got[0].cpu(), want[0].cpu())
+        assert (got[1] is None) == (x is None) and (x is None or torch.equal(got[1].cpu(), want[1].cpu()))
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 0.9, 1.0])
+@pytest.mark.parametrize("n,k,zeros,ties", PLAN_CASES)
+def test_sample_plan_equals_reference(device, n, k, zeros, ties, ratio):
+    """Water level, keep draws, group order, per-position factors and the re-quantization scale: bit for bit,
+    over several chunks of the single program, with zero scores (some cases keep every nonzero row), ties, and
+    targets at or above the nonzero count."""
+    from lowbit.kernels.sampled_gemm import row_scores, sample_plan
+    from lowbit.train.backward import sample_plan_reference
+
+    sq, weight, qx, u = _scored_rows(n, k, 3 * n + k, device, zeros, ties)
+    for x in (None, qx):
+        scores, rowmax = row_scores(sq, weight, x)
+        got = sample_plan(scores, weight, u, rowmax, ratio, x is not None)
+        want = sample_plan_reference(scores, weight, u, rowmax, ratio, x is not None)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a.cpu(), b.cpu()))
+        assert torch.equal(got.index.sort().values.cpu(), torch.arange(2 * n))  # every row once
+        kept = int(got.ends[2])
+        assert (got.val[kept:] == 0).all() and (ratio < 1 or kept == int((scores > 0).sum()))
+        if x is not None and ratio < 1 and int(got.ends[2]) > int(got.ends[1]):
+            assert float(got.rq[0]) != 1.0  # a sampled group: a real re-quantization scale
+
+
+def test_sample_plan_all_zero_and_empty(device):
+    from lowbit.kernels.sampled_gemm import sample_plan
+    from lowbit.train.backward import sample_plan_reference
+
+    for r in (0, 6):
+        scores = torch.zeros(r, dtype=torch.float64, device=device)
+        w, u = torch.ones(r, device=device), torch.rand(r, device=device)
+        rowmax = torch.ones(r // 2, device=device)
+        for grouped in (False, True):
+            got = sample_plan(scores, w, u, rowmax, 0.5, grouped)
+            assert got.ends.tolist() == [0, 0, 0] and got.index.shape == (r,)
+            if r:  # (the reference's waterfill needs at least one row)
+                want = sample_plan_reference(scores, w, u, rowmax, 0.5, grouped)
+                assert want.ends.tolist() == [0, 0, 0] and torch.equal(got.index.cpu(), want.index.cpu())
+
+
+def test_fused_and_reference_sampling_give_one_backward(device, monkeypatch):
+    """``LOWBIT_SAMPLING=reference`` (the pure-PyTorch sampling on the kernel path) gives the fused path's grad-input
+    and grad-weight bit for bit from one seed; a bad value is refused."""
+    import lowbit.train.backward as bwd
+    from lowbit.errors import LowbitError
+
+    grad, qw, qx = bwd.heavy_tailed_problem(5, n=40, c=24, k=48)
+    results = {}
+    for mode in ("fused", "reference"):
+        monkeypatch.setenv("LOWBIT_SAMPLING", mode)
+        gen = torch.Generator(device=device).manual_seed(2)
+        rows, weight, sq = bwd.split_rows_with_norms(grad.to(device), gen)
+        results[mode] = (bwd.int4_grad_input(rows, weight, qw.to(device, torch.int8), 0.5, gen, 4, sq).cpu(),
+                         bwd.int4_grad_weight(rows, weight, qx.to(device, torch.int8), 0.5, gen, 4, sq).cpu())
+    for a, b in zip(*results.values()):
+        assert torch.equal(a, b) and a.abs().sum() > 0
+    monkeypatch.setenv("LOWBIT_SAMPLING", "iterative")
+    with pytest.raises(LowbitError, match="LOWBIT_SAMPLING"):
+        bwd.fused_sampling()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+def test_sample_plan_on_gpu_at_layer_size(device, ratio):
+    """The compiled kernels (float64 water level, one program over 16384 rows) equal their references on CUDA."""
+    from lowbit.kernels.sampled_gemm import row_scores, sample_plan
+    from lowbit.train.backward import row_scores_reference, sample_plan_reference
+
+    sq, weight, qx, u = _scored_rows(8192, 4096, 0, "cuda", zeros=500)
+    for x in (None, qx):
+        got_s, want_s = row_scores(sq, weight, x), row_scores_reference(sq, weight, x)
+        assert torch.equal(got_s[0], want_s[0]) and (x is None or torch.equal(got_s[1], want_s[1]))
+        got = sample_plan(*got_s[:1], weight, u, got_s[1], ratio, x is not None)
+        want = sample_plan_reference(*got_s[:1], weight, u, got_s[1], ratio, x is not None)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))

@@ -22,14 +22,20 @@ by the shapes alone (CUDA-graph friendly).
 
 Integer products accumulate exactly in int32; the float32 epilogue runs the reference's operations in the
 reference's order (``lowbit.train.backward``), with fp contraction off so no multiply-add is fused, and a
-correctly rounded division: the result equals the reference bit for bit.
+correctly rounded division: the result equals the reference bit for bit. ``row_scores`` and ``sample_plan`` build
+the sample these GEMMs read (scores, water level, keep draws, group order) in two launches plus a sort and a cumsum.
 """
 
 from __future__ import annotations
 
+import struct
+from typing import NamedTuple
+
 import torch
 
 from lowbit.errors import LowbitError
+
+SAT_EPS = 1e-6  # kept rows with p >= 1 - SAT_EPS count as saturated (kept with certainty)
 
 try:
     import triton
@@ -39,6 +45,10 @@ except ImportError:
 
 if triton is not None:
     from lowbit.kernels.int_gemm import grouped_tile
+
+    # combine functions rather than tl.sum/max/min/cumsum: see lowbit.kernels.bitsplit
+    _SUM, _MAX, _MIN = tl.standard._sum_combine, tl.standard._elementwise_max, tl.standard._elementwise_min
+    SAT_LEVEL = tl.constexpr(1 - SAT_EPS)
 
     @triton.jit
     def _group_bounds(ends_ptr, PAD: tl.constexpr, SAMPLED: tl.constexpr):
@@ -127,6 +137,125 @@ if triton is not None:
         v = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_x + c[None, :], mask=mask)
         tl.store(out_ptr + c[None, :].to(tl.int64) * stride_o + r[:, None], v, mask=mask)
 
+    @triton.jit
+    def _scores_kernel(sq_ptr, w_ptr, x_ptr, out_ptr, rmax_ptr, N, K, stride_x, BT: tl.constexpr, BK: tl.constexpr,
+                       HAS_X: tl.constexpr):
+        """Scores of rows ``t`` and ``t + N``: ``max(double(w sqrt(sq) [* ||x_t||]), 0)``; with HAS_X also
+        ``max_k |x_tk|`` per token (int8 ``x``: its squared sums are exact integers in float32)."""
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        ok = t < N
+        hi = tl.load(w_ptr + t, mask=ok, other=0.0) * tl.sqrt_rn(tl.load(sq_ptr + t, mask=ok, other=0.0))
+        lo = tl.load(w_ptr + N + t, mask=ok, other=0.0) * tl.sqrt_rn(tl.load(sq_ptr + N + t, mask=ok, other=0.0))
+        if HAS_X:
+            ks = tl.arange(0, BK)
+            ss = tl.full((BT,), 0.0, tl.float32)
+            mx = tl.full((BT,), 0.0, tl.float32)
+            for k0 in range(0, K, BK):
+                m = ok[:, None] & ((k0 + ks) < K)[None, :]
+                v = tl.load(x_ptr + t[:, None].to(tl.int64) * stride_x + (k0 + ks)[None, :], mask=m, other=0)
+                v = v.to(tl.float32)
+                ss += tl.reduce(v * v, 1, _SUM)
+                mx = tl.maximum(mx, tl.reduce(tl.abs(v), 1, _MAX))
+            norm = tl.sqrt_rn(ss)
+            hi, lo = hi * norm, lo * norm
+            tl.store(rmax_ptr + t, mx, mask=ok)
+        tl.store(out_ptr + t, tl.maximum(hi.to(tl.float64), 0.0), mask=ok)
+        tl.store(out_ptr + N + t, tl.maximum(lo.to(tl.float64), 0.0), mask=ok)
+
+    @triton.jit
+    def _keep(s_ptr, u_ptr, i, ok, c, all_in, N, SAMPLE: tl.constexpr, GROUPED: tl.constexpr):
+        """Row ``i``'s keep probability (float32), and its group: 0 saturated hi / 1 saturated lo / 2 sampled (0 for
+        every kept row unless GROUPED), 3 not kept."""
+        s = tl.load(s_ptr + i, mask=ok, other=0.0)
+        if SAMPLE:
+            p = tl.where(all_in, tl.where(s > 0, 1.0, 0.0).to(tl.float64), tl.minimum(c * s, 1.0)).to(tl.float32)
+            keep = ok & (tl.load(u_ptr + i, mask=ok, other=1.0) < p)
+        else:
+            p = tl.where(s > 0, 1.0, 0.0).to(tl.float32)
+            keep = ok & (p > 0)
+        g = tl.full(i.shape, 0, tl.int32)
+        if GROUPED:
+            g = tl.where(p >= tl.full((), SAT_LEVEL, tl.float32), (i >= N).to(tl.int32), 2)
+        return p, tl.where(keep, g, 3)
+
+    @triton.jit
+    def _rank(g, grp, base):
+        """Positions of the rows of group ``grp`` in this chunk: after ``base``, in row order; and their count."""
+        m = (g == grp).to(tl.int32)
+        return base + tl.associative_scan(m, 0, _SUM) - m, tl.reduce(m, 0, _SUM)
+
+    @triton.jit
+    def _plan_kernel(s_ptr, asc_ptr, csum_ptr, u_ptr, w_ptr, rmax_ptr, index_ptr, val_ptr, ends_ptr, rq_ptr, R, N,
+                     target_bits, BLOCK: tl.constexpr, SAMPLE: tl.constexpr, GROUPED: tl.constexpr):
+        """One program: water-filled probabilities, Bernoulli keep, and the rows ordered by group (see
+        ``sample_plan``). Pass 1 finds the water level, pass 2 counts the groups, pass 3 writes the order."""
+        offs = tl.arange(0, BLOCK)
+        c = tl.full((), 0.0, tl.float64)
+        all_in = c > 0
+        if SAMPLE:
+            target = target_bits.to(tl.float64, bitcast=True)
+            tiny = tl.full((), 2.2250738585072014e-308, tl.float64)
+            slack = tl.full((), 1.000000000001, tl.float64)
+            n_pos = tl.full((), 0, tl.int32)
+            first = n_pos + R
+            for j0 in range(0, R, BLOCK):  # ascending position j is descending position k = R - 1 - j
+                j = j0 + offs
+                ok = j < R
+                sv = tl.load(asc_ptr + j, mask=ok, other=0.0)
+                k = R - 1 - j
+                ck = (target - k.to(tl.float64)) / tl.maximum(tl.load(csum_ptr + j, mask=ok, other=0.0), tiny)
+                pos = ok & (sv > 0)  # k < n_pos: the scores are >= 0 and sorted
+                valid = pos & (ck > 0) & (ck * sv <= slack)
+                n_pos += tl.reduce(pos.to(tl.int32), 0, _SUM)
+                first = tl.minimum(first, tl.reduce(tl.where(valid, k, R), 0, _MIN))
+            first = tl.where(first < R, first, tl.maximum(n_pos - 1, 0))
+            tail = tl.load(csum_ptr + (R - 1 - first))
+            c = (target - first.to(tl.float64)) / tl.maximum(tail, tiny)  # f64: div.rn
+            all_in = n_pos.to(tl.float64) <= target
+        n0 = tl.full((), 0, tl.int32)
+        n1 = tl.full((), 0, tl.int32)
+        n2 = tl.full((), 0, tl.int32)
+        for i0 in range(0, R, BLOCK):
+            i = i0 + offs
+            p, g = _keep(s_ptr, u_ptr, i, i < R, c, all_in, N, SAMPLE, GROUPED)
+            n0 += tl.reduce((g == 0).to(tl.int32), 0, _SUM)
+            n1 += tl.reduce((g == 1).to(tl.int32), 0, _SUM)
+            n2 += tl.reduce((g == 2).to(tl.int32), 0, _SUM)
+        b0, b1, b2, b3 = n0 * 0, n0, n0 + n1, n0 + n1 + n2
+        amax = tl.full((), 0.0, tl.float32)
+        for i0 in range(0, R, BLOCK):
+            i = i0 + offs
+            ok = i < R
+            p, g = _keep(s_ptr, u_ptr, i, ok, c, all_in, N, SAMPLE, GROUPED)
+            r0, m0 = _rank(g, 0, b0)
+            r1, m1 = _rank(g, 1, b1)
+            r2, m2 = _rank(g, 2, b2)
+            r3, m3 = _rank(g, 3, b3)
+            b0, b1, b2, b3 = b0 + m0, b1 + m1, b2 + m2, b3 + m3
+            dst = tl.where(g == 0, r0, tl.where(g == 1, r1, tl.where(g == 2, r2, r3)))
+            w = tl.load(w_ptr + i, mask=ok, other=0.0)
+            if GROUPED:  # the sampled rows' x~ factor w / p, and max |qx f| over them
+                val = tl.where(g == 2, tl.math.div_rn(w, p), 0.0)
+                if SAMPLE:
+                    rmax = tl.load(rmax_ptr + i % N, mask=ok, other=0.0)
+                    amax = tl.maximum(amax, tl.reduce(val * rmax, 0, _MAX))
+            else:  # grad-input's epilogue row scale w / p
+                val = tl.where(g < 3, w * tl.math.div_rn(tl.full(p.shape, 1.0, tl.float32), p), 0.0)
+            tl.store(index_ptr + dst, i.to(tl.int64), mask=ok)
+            tl.store(val_ptr + dst, val, mask=ok)
+        tl.store(ends_ptr, n0.to(tl.int64))
+        tl.store(ends_ptr + 1, (n0 + n1).to(tl.int64))
+        tl.store(ends_ptr + 2, (n0 + n1 + n2).to(tl.int64))
+        if GROUPED:  # requantize_scale(amax), then the hi and lo row weights
+            tiny = tl.full((), 1.1754943508222875e-38, tl.float32)  # torch's 7.0 / t is 7.0 * reciprocal(t):
+            raw = tl.math.div_rn(tl.full((), 1.0, tl.float32), tl.maximum(amax, tiny)) * 7.0  # the same here
+            finite = raw <= 3.4028234663852886e38  # not inf (raw >= 0)
+            scale = tl.where((amax > 0) & finite, raw, 1.0)
+            tl.store(rq_ptr, scale)
+            tl.store(rq_ptr + 1, tl.where(finite, scale, 0.0))
+            tl.store(rq_ptr + 2, tl.load(w_ptr))
+            tl.store(rq_ptr + 3, tl.load(w_ptr + R - 1))
+
 
 def transpose_int8(x: torch.Tensor) -> torch.Tensor:
     """``x.T.contiguous()`` for a row-major int8 matrix in one tiled pass: grad-input's K-major weight operand.
@@ -148,6 +277,71 @@ def packed_width(kept: int, pad: int) -> int:
     """Columns of the packed buffers for up to ``kept`` sorted positions in three groups, each padded to ``pad``
     (a bound fixed by the shapes, never by the sample)."""
     return (-(-kept // pad) + 2) * pad
+
+
+class SamplePlan(NamedTuple):
+    """A leverage-score row sample, ordered for the backward's GEMMs (no host sync: every size is the shapes').
+
+    ``index`` (R,) int64: every row once; groups in order 0 saturated hi rows (``p >= 1 - SAT_EPS``, row < N),
+    1 saturated lo rows, 2 sampled rows (``p < 1 - SAT_EPS``), 3 rows not kept, each group in row order (not
+    grouped: 0 all kept rows, 3 the rest). ``val`` (R,) float32 per position: grouped, the sampled rows' factor
+    ``f = w / p`` (else 0); not grouped, the kept rows' scale ``w * (1 / p)`` (else 0). ``ends`` (3,) int64: the
+    ends of groups 0, 1, 2 (the kept count is ``ends[2]``). ``rq`` (4,) float32, grouped only: the sampled rows'
+    re-quantization ``scale`` and ``gain`` (``requantize_scale`` of ``max |qx_tok| f``), and ``w[0]``, ``w[-1]``."""
+
+    index: torch.Tensor
+    val: torch.Tensor
+    ends: torch.Tensor
+    rq: torch.Tensor | None = None
+
+
+def row_scores(sq_norms: torch.Tensor, weight: torch.Tensor, qx: torch.Tensor | None = None):
+    """Leverage scores ``max(double(w ||row|| [* ||qx_tok||]), 0)`` of the 2N split rows (float64), and with
+    ``qx`` (N x K int8, grad-weight) each token's ``max |qx|`` (float32); one pass. Reference:
+    ``lowbit.train.backward.row_scores_reference``."""
+    r = sq_norms.shape[0]
+    n = r // 2
+    out = torch.empty(r, device=sq_norms.device, dtype=torch.float64)
+    rmax = None if qx is None else torch.empty(n, device=sq_norms.device, dtype=torch.float32)
+    if n:
+        gpu = sq_norms.is_cuda
+        bt, bk = (16, 128) if gpu else (16, 32)  # H100: 167 registers, no spill (32 x 256 spills)
+        x = qx if qx is None or qx.stride(1) == 1 else qx.contiguous()
+        _scores_kernel[(triton.cdiv(n, bt),)](sq_norms, weight, sq_norms if x is None else x, out,
+                                              out if rmax is None else rmax, n, 0 if x is None else x.shape[1],
+                                              0 if x is None else x.stride(0), BT=bt, BK=bk, HAS_X=x is not None,
+                                              num_warps=4 if gpu else 1)
+    return out, rmax
+
+
+def sample_plan(scores: torch.Tensor, weight: torch.Tensor, u: torch.Tensor | None, rowmax: torch.Tensor | None,
+                ratio: float, grouped: bool) -> SamplePlan:
+    """Water-filled keep probabilities (``lowbit.train.sampling.waterfill``, target ``ratio * R``), the
+    Bernoulli keep ``u < p`` (``u`` the caller's uniforms; ``ratio >= 1``: every nonzero row, ``u`` unused) and
+    the ``SamplePlan`` ordering, in one single-program kernel after a sort and a cumsum of the scores (float64).
+    ``rowmax`` (N,): each token's ``max |qx|`` (grouped with sampling only). Reference:
+    ``lowbit.train.sampling.sample_plan_reference``."""
+    r = scores.shape[0]
+    dev = scores.device
+    index = torch.empty(r, device=dev, dtype=torch.int64)
+    val = torch.empty(r, device=dev, dtype=torch.float32)
+    ends = torch.empty(3, device=dev, dtype=torch.int64)
+    rq = torch.empty(4, device=dev, dtype=torch.float32) if grouped else None
+    if r == 0:
+        return SamplePlan(index, val, ends.zero_(), None if rq is None else rq.zero_())
+    sample = ratio < 1
+    asc = csum = scores
+    if sample:
+        asc = torch.sort(scores).values
+        csum = torch.cumsum(asc, 0)  # = waterfill's flipped cumsum of the descending sort, bit for bit
+    bits = struct.unpack("<q", struct.pack("<d", float(ratio) * r))[0]  # the float64 target, bit-exact
+    gpu = scores.is_cuda
+    _plan_kernel[(1,)](scores, asc, csum, u if sample else scores, weight,
+                       rowmax if rowmax is not None and sample else scores, index, val, ends,
+                       rq if rq is not None else val, r, r // 2, bits, BLOCK=2048 if gpu else 64, SAMPLE=sample,
+                       GROUPED=grouped, num_warps=8 if gpu else 1,
+                       **({"enable_fp_fusion": False} if gpu else {}))
+    return SamplePlan(index, val, ends, rq)
 
 
 def _configs(gpu: bool) -> dict:

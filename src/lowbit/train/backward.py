@@ -22,17 +22,24 @@ kept rows by ``1/p_i``.
 
 On the Triton backend nothing here waits for the host: grad-input's gathered GEMM scatters its rows into the
 output, grad-weight is one GEMM gathering the kept rows along its reduction (``lowbit.kernels.sampled_gemm``).
+The sample itself (scores, water-filling, Bernoulli keep, 1/p, ordering into groups) is two Triton kernels plus a
+sort and a cumsum per product (``sampled_gemm.row_scores`` / ``sample_plan``; their references are
+``row_scores_reference`` / ``sample_plan_reference`` below, equal bit for bit, same uniforms from the generator).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from lowbit.errors import LowbitError
 from lowbit.kernels.int_gemm import product_bound
+from lowbit.kernels.sampled_gemm import SAT_EPS, SamplePlan
 from lowbit.train.dispatch import FP32_EXACT, int_matmul
-from lowbit.train.sampling import SPLIT_BASE, bit_split, sample_rows, stochastic_quantize
+from lowbit.train.sampling import SPLIT_BASE, RowSample, bit_split, keep_rows, sample_rows, stochastic_quantize
 
-SAT_EPS = 1e-6
+SAMPLING_ENV = "LOWBIT_SAMPLING"
 
 
 def split_rows(g: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,23 +84,23 @@ def int4_grad_input(
     ``sq_norms``: the rows' squared norms if the fused split computed them (else computed here)."""
     n2 = rows.shape[0]
     n = n2 // 2
-    norms = sq_norms.sqrt() if sq_norms is not None else rows.float().norm(dim=1)
-    scores = weight * norms
-    sample = sample_rows(scores, ratio, generator)
     out = torch.zeros(n, qw.shape[1], device=rows.device)
-    if sample.count is not None:
-        # padded sample (CUDA): one gathered GEMM over the kept rows (device-side count, no host sync), 1/p in its
-        # epilogue, each row added straight into its token's output row (at most two rows per token: exact)
-        from lowbit.kernels.int_gemm import int8_matmul, int8_matmul_reference
+    if _kernel_backend(rows):
+        # fused sample (no host sync), then one gathered GEMM over the kept rows with w/p in its epilogue, each row
+        # added straight into its token's output row (at most two rows per token: exact)
+        from lowbit.kernels.int_gemm import int8_matmul
+        from lowbit.kernels.sampled_gemm import transpose_int8
 
-        coef = weight[sample.index] * sample.inv_p
-        if _kernel_backend(rows):
-            from lowbit.kernels.sampled_gemm import transpose_int8
+        plan = _plan(rows, weight, sq_norms, None, ratio, generator)
+        qw_t = transpose_int8(_int8(qw))  # one tiled pass; torch's strided byte copy is slow
+        return int8_matmul(_int8(rows), qw_t, index=plan.index, count=plan.ends[2:], row_scale=plan.val,
+                           scatter_into=out)
+    sample = sample_rows(weight * _split_norms(rows, sq_norms), ratio, generator)
+    if sample.count is not None:  # padded sample (CUDA reference backend): the same gathered, scattered product
+        from lowbit.kernels.int_gemm import int8_matmul_reference
 
-            fn, qw_t = int8_matmul, transpose_int8(_int8(qw))  # one tiled pass; torch's strided byte copy is slow
-        else:
-            fn, qw_t = int8_matmul_reference, _int8(qw.T.contiguous())
-        return fn(_int8(rows), qw_t, index=sample.index, count=sample.count, row_scale=coef, scatter_into=out)
+        return int8_matmul_reference(_int8(rows), _int8(qw.T.contiguous()), index=sample.index, count=sample.count,
+                                     row_scale=weight[sample.index] * sample.inv_p, scatter_into=out)
     if sample.index.numel() == 0:
         return out
     prod = int_matmul(rows[sample.index], qw.T.contiguous(), bits_a=4, bits_b=bits_w)
@@ -101,11 +108,82 @@ def int4_grad_input(
     return out.index_add_(0, sample.index % n, (prod * coef[:, None]).float())
 
 
+def _group_rows(sample: RowSample, n: int):
+    """Grad-weight's order of a sample: saturated hi rows, saturated lo rows, sampled rows (padded: then the rest),
+    each in row order; returns the sorted ``index``, ``p_kept``, group ids and the three group ends."""
+    idx, p = sample.index, sample.p_kept
+    group = torch.where(p >= 1 - SAT_EPS, (idx >= n).long(), 2)
+    if sample.count is not None:  # padded: entries past the count go last
+        group = torch.where(torch.arange(idx.shape[0], device=idx.device) < sample.count, group, 3)
+    order = torch.argsort(group, stable=True)  # kept rows keep their row order within each group
+    idx, p, group = idx[order], p[order], group[order]
+    return idx, p, group, torch.stack([(group == i).sum() for i in range(3)]).cumsum(0)
+
+
+def fused_sampling() -> bool:
+    """``LOWBIT_SAMPLING=fused`` (default): the kernel path samples with two Triton kernels; ``reference``: with
+    their pure-PyTorch references (~40 small ops per product, the pre-fusion cost; same results bit for bit)."""
+    choice = os.environ.get(SAMPLING_ENV, "fused").strip().lower() or "fused"
+    if choice not in ("fused", "reference"):
+        raise LowbitError(f"{SAMPLING_ENV} must be fused or reference, got {choice!r}")
+    return choice == "fused"
+
+
+def _plan(rows, weight, sq_norms, qx, ratio, generator) -> SamplePlan:
+    """The kernel path's sample: fused scores and ordered sample (``sampled_gemm.row_scores`` / ``sample_plan``),
+    drawing the same uniforms from ``generator`` as ``sample_rows``; ``qx`` given: grad-weight's (grouped)."""
+    from lowbit.kernels.sampled_gemm import row_scores, sample_plan
+
+    if not fused_sampling():
+        row_scores, sample_plan = row_scores_reference, sample_plan_reference
+    sq = sq_norms if sq_norms is not None else rows.float().pow(2).sum(dim=1)  # exact integers
+    scores, rowmax = row_scores(sq, weight, qx)
+    u = torch.rand(scores.shape[0], generator=generator, device=rows.device) if ratio < 1 else None
+    return sample_plan(scores, weight, u, rowmax, ratio, grouped=qx is not None)
+
+
+def row_scores_reference(sq_norms: torch.Tensor, weight: torch.Tensor, qx: torch.Tensor | None = None):
+    """What ``sampled_gemm.row_scores`` computes, with the reference path's operations."""
+    scores = weight * _sqrt_rn(sq_norms)
+    if qx is not None:
+        n = qx.shape[0]
+        scores = scores * _row_norms(qx)[torch.arange(2 * n, device=qx.device) % n]
+    rowmax = None if qx is None else qx.abs().amax(dim=1).float()
+    return scores.double().clamp_min(0), rowmax
+
+
+def sample_plan_reference(scores, weight, u, rowmax, ratio: float, grouped: bool) -> SamplePlan:
+    """What ``sampled_gemm.sample_plan`` computes: ``keep_rows`` (``waterfill``), the padded ``sample_rows``
+    order, grad-weight's ``_group_rows`` and ``requantize_scale`` (see ``SamplePlan``)."""
+    r = scores.shape[0]
+    p, keep = keep_rows(scores, ratio, u)
+    index = torch.argsort((~keep).to(torch.uint8), stable=True)
+    kept = keep[index]
+    p_kept = torch.where(kept, p[index], torch.ones_like(p))
+    inv_p = torch.where(kept, 1.0 / p_kept, torch.zeros_like(p))
+    sample = RowSample(index, inv_p, p_kept, keep.sum())
+    if not grouped:
+        return SamplePlan(index, weight[index] * inv_p, sample.count.reshape(1).repeat(3))
+    idx, p, group, ends = _group_rows(sample, r // 2)
+    f = torch.where(group == 2, weight[idx] / p, torch.zeros_like(p))
+    amax = (f * rowmax[idx % (r // 2)]).amax() if ratio < 1 and r else f.new_zeros(())
+    scale, gain = requantize_scale(amax)
+    return SamplePlan(idx, f, ends, torch.stack([scale, gain, weight[0], weight[-1]]) if r else f.new_zeros(4))
+
+
+def _sqrt_rn(sumsq: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square roots of exact integer sums of squares (the kernels' ``sqrt_rn``; torch's
+    vectorised float32 CPU sqrt can be one ulp off)."""
+    return sumsq.double().sqrt().float()
+
+
 def _row_norms(q: torch.Tensor) -> torch.Tensor:
-    """Row norms of an integer matrix, as ``q.float().norm(dim=1)`` gives them (exact squared sums below 2^24)."""
-    if q.dtype == torch.float32:
-        return q.norm(dim=1)
-    return torch.linalg.vector_norm(q.to(torch.float16), dim=1, dtype=torch.float32)  # |q| <= 128: exact in half
+    """Row norms of an integer matrix (exact squared sums below 2^24, correctly rounded roots)."""
+    return _sqrt_rn(q.float().square().sum(dim=1))
+
+
+def _split_norms(rows: torch.Tensor, sq_norms: torch.Tensor | None) -> torch.Tensor:
+    return _sqrt_rn(sq_norms if sq_norms is not None else rows.float().square().sum(dim=1))
 
 
 def requantize_scale(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,17 +212,18 @@ def int4_grad_weight(
     does not matter) whenever sampling is on. On the Triton backend one GEMM gathers the kept rows along its
     reduction (``lowbit.kernels.sampled_gemm``), with no host sync; the reference runs three products."""
     n, k = qx.shape
+    if _kernel_backend(rows) and product_bound(2 * n, 4, max(bits_x, 4)) < FP32_EXACT:
+        from lowbit.kernels.sampled_gemm import grad_weight_gemm
+
+        plan = _plan(rows, weight, sq_norms, _int8(qx), ratio, generator)  # draws u, then the noise below
+        extra = (None,) * 4
+        if ratio < 1:
+            noise = torch.rand(2 * n, k, generator=generator, device=rows.device)
+            extra = (plan.val, plan.rq[1], plan.rq[0], noise)
+        return grad_weight_gemm(_int8(rows), _int8(qx), plan.index, plan.ends, plan.rq[2:], *extra)
     token = torch.arange(2 * n, device=rows.device) % n
-    norms = sq_norms.sqrt() if sq_norms is not None else rows.float().norm(dim=1)
-    scores = weight * norms * _row_norms(qx)[token]
-    sample = sample_rows(scores, ratio, generator)
-    idx, p = sample.index, sample.p_kept
-    group = torch.where(p >= 1 - SAT_EPS, (idx >= n).long(), 2)
-    if sample.count is not None:  # padded: entries past the count go last
-        group = torch.where(torch.arange(idx.shape[0], device=idx.device) < sample.count, group, 3)
-    order = torch.argsort(group, stable=True)  # kept rows keep their row order within each group
-    idx, p, group = idx[order], p[order], group[order]
-    ends = torch.stack([(group == i).sum() for i in range(3)]).cumsum(0)
+    sample = sample_rows(weight * _split_norms(rows, sq_norms) * _row_norms(qx)[token], ratio, generator)
+    idx, p, group, ends = _group_rows(sample, n)
     w = torch.stack([weight[0], weight[-1]])  # hi rows weigh 14/s, lo rows 1/s
     noise = f = gain = scale = None
     if ratio < 1:
@@ -152,10 +231,6 @@ def int4_grad_weight(
         amax = (f * qx.abs().amax(dim=1).float()[token[idx]]).amax() if idx.numel() else f.new_zeros(())
         scale, gain = requantize_scale(amax)  # max |qx f| over the sampled rows = max_i (max_k |qx_ik|) f_i
         noise = torch.rand(2 * n, k, generator=generator, device=rows.device)
-    if _kernel_backend(rows) and product_bound(2 * n, 4, max(bits_x, 4)) < FP32_EXACT:
-        from lowbit.kernels.sampled_gemm import grad_weight_gemm
-
-        return grad_weight_gemm(_int8(rows), _int8(qx), idx, ends, w, f, gain, scale, noise)
     return _grad_weight_reference(rows, qx, token, idx, ends, w, f, gain, scale, noise, bits_x)
 
 

@@ -128,6 +128,16 @@ class RowSample(NamedTuple):
     count: torch.Tensor | None = None
 
 
+def keep_rows(scores: torch.Tensor, ratio: float, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep probabilities ``p`` (float32; water-filled to ``ratio * len(scores)``, or ``scores > 0`` when
+    ``ratio >= 1``) and the Bernoulli keep ``u < p`` for the given uniforms ``u`` (unused when ``ratio >= 1``)."""
+    if ratio >= 1.0:
+        p = (scores > 0).float()
+        return p, p > 0
+    p = waterfill(scores, ratio * scores.shape[0])
+    return p, u < p
+
+
 def sample_rows(scores: torch.Tensor, ratio: float, generator: torch.Generator | None,
                 padded: bool | None = None) -> RowSample:
     """Bernoulli-keep rows with water-filled probabilities, expected count ``ratio * len(scores)``.
@@ -136,13 +146,8 @@ def sample_rows(scores: torch.Tensor, ratio: float, generator: torch.Generator |
     ``padded`` (default: on CUDA) returns the padded form (see ``RowSample``), which needs no host sync.
     """
     n = scores.shape[0]
-    if ratio >= 1.0:
-        p = (scores > 0).float()
-        keep = p > 0
-    else:
-        p = waterfill(scores, ratio * n)
-        u = torch.rand(n, generator=generator, device=scores.device)
-        keep = u < p
+    u = torch.rand(n, generator=generator, device=scores.device) if ratio < 1.0 else None
+    p, keep = keep_rows(scores, ratio, u)
     if padded if padded is not None else scores.is_cuda:
         index = torch.argsort((~keep).to(torch.uint8), stable=True)  # kept rows first, in row order
         kept = keep[index]
