@@ -30,6 +30,10 @@ two barriers per nibble plane; this kernel 4.4 (8,4,4), 4.4 (8,2,2), 4.2 (8,1,1)
 barrier in the loop, no spills. The 2.5 of them that are the shift / LOP3 / FMA core are the floor of this scheme;
 the rest is bf16 -> float32 conversion of x, scales and zeros, the zero-point correction and addresses.
 
+Measured on the H100 (CUDA graphs, bf16, group 128; benchmarks/gemv_sweep.py, BENCHMARKS.md): 7.9 / 15.6 / 18.6 /
+18.7 us for 4096x4096 / 11008x4096 / 4096x11008 / 14336x4096, 2.05-2.52x bf16 cuBLAS, level with torch's tinygemm
+(2.34-2.55x); the previous kernel took 10.3 / 22.4 / 24.3 / 25.7.
+
 Tuning: on CUDA a small search (L2 flushed) picks (BNB, CHUNKS, warps, splits, prefetch) per (N, K, chunk, group,
 dtypes) once, eagerly (a call under graph capture that finds no tuned entry uses the heuristic tile);
 ``LOWBIT_AUTOTUNE=0`` and the CPU interpreter use the heuristic tile.
