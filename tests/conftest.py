@@ -109,3 +109,17 @@ def triton_path():
             return kernel_device()
 
         yield enable
+
+
+# |W4A16 kernel - float32 truth| <= W4A16_TOL * (|x| @ |W|.T): accumulation order, 16-bit scales, output rounding
+W4A16_TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def assert_w4a16_close(y, x, weight, bias=None):
+    """A W4A16 kernel's output against ``F.linear(x, weight.dequantize(), bias)`` in float32, within W4A16_TOL."""
+    dense = weight.dequantize()
+    truth = torch.nn.functional.linear(x.float(), dense, None if bias is None else bias.float())
+    bound = W4A16_TOL[x.dtype] * (x.float().abs() @ dense.abs().T) + 1e-6
+    assert y.dtype == x.dtype and y.shape == truth.shape
+    excess = ((y.float() - truth).abs() - bound).max().item()
+    assert excess <= 0, f"error exceeds the bound by {excess:.3g}"

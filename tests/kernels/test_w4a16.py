@@ -5,17 +5,14 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import kernel_device
+from conftest import assert_w4a16_close, kernel_device
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.weights import PackedWeight
 from lowbit.quant.packing import pack
 
 KERNEL_MODULES = ("lowbit.kernels.w4a16", "lowbit.kernels.int8_gemm", "lowbit.kernels.w4a4")
-# |kernel - float32 truth| <= TOL * (|x| @ |W|.T): accumulation order, 16-bit scales and output rounding
-TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +27,6 @@ def _weight(n, k, group, symmetric=False, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen) * (1 + torch.rand(n, 1, generator=gen))
     return PackedWeight.quantize(w, 4, group, symmetric).to(device)
-
-
-def _check_close(y, x, weight, bias=None):
-    truth = F.linear(x.float(), weight.dequantize(), None if bias is None else bias.float())
-    bound = TOL[x.dtype] * (x.float().abs() @ weight.dequantize().abs().T) + 1e-6
-    assert y.dtype == x.dtype and y.shape == truth.shape
-    excess = ((y.float() - truth).abs() - bound).max().item()
-    assert excess <= 0, f"error exceeds the bound by {excess:.3g}"
 
 
 def _no_reference(module, monkeypatch):
@@ -71,7 +60,7 @@ def test_kernel_paths_match_reference(w4a16, monkeypatch, m, n, k, group, dtype,
     x = torch.randn(m, k, generator=gen).to(device, dtype)
     b = torch.randn(n, generator=gen).to(device) if bias else None
     _no_reference(w4a16, monkeypatch)
-    _check_close(w4a16.w4a16_linear(x, weight, b), x, weight, b)
+    assert_w4a16_close(w4a16.w4a16_linear(x, weight, b), x, weight, b)
 
 
 def test_leading_dims_and_zero_rows(w4a16):
@@ -79,7 +68,7 @@ def test_leading_dims_and_zero_rows(w4a16):
     x = torch.randn(2, 3, 576, generator=torch.Generator().manual_seed(1)).to(kernel_device())
     y = w4a16.w4a16_linear(x, weight)
     assert y.shape == (2, 3, 24)
-    _check_close(y.reshape(6, 24), x.reshape(6, 576), weight)
+    assert_w4a16_close(y.reshape(6, 24), x.reshape(6, 576), weight)
     assert w4a16.w4a16_linear(x[:0], weight).shape == (0, 3, 24)
 
 
@@ -92,7 +81,7 @@ def test_far_zero_points_keep_float32_metadata(w4a16):
     assert w4a16.prepare_w4a16(weight, torch.bfloat16).scales.dtype == torch.float32
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(1, 576, generator=torch.Generator().manual_seed(3)).to(kernel_device(), dtype)
-        _check_close(w4a16.w4a16_linear(x, weight), x, weight)
+        assert_w4a16_close(w4a16.w4a16_linear(x, weight), x, weight)
 
 
 def test_dequantize_kernel_is_bit_exact(w4a16):
@@ -185,7 +174,7 @@ def test_llama_shapes_on_gpu(monkeypatch, w4a16, m, n, k, group):
     monkeypatch.setenv("LOWBIT_AUTOTUNE", "1")
     weight = _weight(n, k, group, device="cuda")
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    _check_close(w4a16.w4a16_linear(x, weight), x, weight)
+    assert_w4a16_close(w4a16.w4a16_linear(x, weight), x, weight)
 
 
 GEMM_CASES = [  # (M, N, K, group, dtype, bias, config (BLOCK_N, BLOCK_M, WP, warps, stages, splits) or "dequant")
@@ -209,7 +198,7 @@ def test_gemm_configs(w4a16, m, n, k, group, dtype, bias, config):
     b = torch.randn(n, generator=gen).to(device, dtype) if bias else None
     layout = w4a16.prepare_w4a16(weight, dtype)
     y = gemm.launch(x, weight, layout, b, config)
-    _check_close(y, x, weight, b)
+    assert_w4a16_close(y, x, weight, b)
     assert torch.equal(y, gemm.launch(x, weight, layout, b, config))
 
 
@@ -254,7 +243,7 @@ def test_gemv_configs_split_and_unsplit(w4a16, n, k, group, dtype, bias, config)
         y = torch.full((1, n), float("nan"), dtype=dtype, device=device)
         gemv._launch(x, layout, b, y, config)
         ys.append(y)
-    _check_close(ys[0], x, weight, b)
+    assert_w4a16_close(ys[0], x, weight, b)
     assert torch.equal(ys[0], ys[1])
     assert all(int(c.abs().sum()) == 0 for c in gemv._counters.values())
     if config[3] > 1:

@@ -7,15 +7,12 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import kernel_device
+from conftest import assert_w4a16_close, kernel_device
 
 from lowbit.kernels.weights import PackedWeight
 
 KERNEL_MODULES = ("lowbit.kernels.w4a16",)
-# |kernel - float32 truth| <= TOL * (|x| @ |W|.T), as in test_w4a16.py
-TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +29,6 @@ def _case(w4a16, n, k, group, dtype, bias, seed=0, scale_x=1.0):
     x = (torch.randn(1, k, generator=gen) * scale_x).to(device, dtype)
     b = torch.randn(n, generator=gen).to(device, dtype) if bias else None
     return weight, x, b, w4a16.prepare_w4a16(weight, dtype)
-
-
-def _check(y, x, weight, bias=None):
-    truth = F.linear(x.float(), weight.dequantize(), None if bias is None else bias.float())
-    bound = TOL[x.dtype] * (x.float().abs() @ weight.dequantize().abs().T) + 1e-6
-    assert y.dtype == x.dtype and y.shape == truth.shape
-    excess = ((y.float() - truth).abs() - bound).max().item()
-    assert excess <= 0, f"error exceeds the bound by {excess:.3g}"
 
 
 def _run(gemv, x, layout, b, config):
@@ -66,7 +55,7 @@ def test_gemv_paths_match_reference(w4a16, n, k, group, dtype, bias, config):
     gemv = w4a16.w4a16_gemv
     weight, x, b, layout = _case(w4a16, n, k, group, dtype, bias)
     first, second = _run(gemv, x, layout, b, config), _run(gemv, x, layout, b, config)
-    _check(first, x, weight, b)
+    assert_w4a16_close(first, x, weight, b)
     assert torch.equal(first, second)
     assert all(int(c.abs().sum()) == 0 for c in gemv._counters.values())
 
@@ -86,14 +75,14 @@ def test_every_tuner_candidate_is_correct(w4a16, dtype):
     configs = gemv.candidates(layout)
     assert any(c[3] > 1 for c in configs) and any(not c[4] for c in configs)
     for config in configs:
-        _check(_run(gemv, x, layout, b, config), x, weight, b)
+        assert_w4a16_close(_run(gemv, x, layout, b, config), x, weight, b)
 
 
 def test_large_activations_and_scales_stay_accurate(w4a16):
     """fp16 activations in the hundreds: (256 + c) x stays well inside float32, the bound holds."""
     gemv = w4a16.w4a16_gemv
     weight, x, b, layout = _case(w4a16, 17, 576, 64, torch.float16, False, scale_x=300.0)
-    _check(_run(gemv, x, layout, b, (4, 2, 1, 1, True)), x, weight, b)
+    assert_w4a16_close(_run(gemv, x, layout, b, (4, 2, 1, 1, True)), x, weight, b)
 
 
 def test_heuristic_and_candidates_shapes(w4a16):
@@ -107,7 +96,7 @@ def test_heuristic_and_candidates_shapes(w4a16):
         bnb, chunks, warps, splits, prefetch = config
         assert chunks * (wide.chunk // 8) * 2 == 32 * warps and splits >= 1 and isinstance(prefetch, bool)
     weight, x, b, layout = _case(w4a16, 33, 576, 64, torch.bfloat16, False)
-    _check(_run(gemv, x, layout, b, (1, 4, 1, 1)), x, weight, b)
+    assert_w4a16_close(_run(gemv, x, layout, b, (1, 4, 1, 1)), x, weight, b)
 
 
 @pytest.mark.gpu
@@ -122,7 +111,7 @@ def test_llama_shapes_every_candidate_on_gpu(w4a16, n, k, group, dtype):
     for config in gemv.candidates(layout):
         gemv._launch(x, layout, None, y, config)
         eager = y.clone()
-        _check(eager, x, weight)
+        assert_w4a16_close(eager, x, weight)
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

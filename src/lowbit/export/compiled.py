@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.kernels import w4a16
 from lowbit.kernels.weights import PackedWeight
 
 OP = "lowbit::w4a16_linear"
-LAYOUT_KIND = "w4a16"  # the key ``lowbit.kernels.w4a16.prepare_w4a16`` caches its layout under, with the dtype
 
 
 @torch.library.custom_op(OP, mutates_args=())
@@ -32,14 +32,12 @@ def w4a16_linear_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                     bias: torch.Tensor | None, words: torch.Tensor | None, layout_scales: torch.Tensor | None,
                     layout_zeros: torch.Tensor | None, bits: int, group_size: int, chunk: int) -> torch.Tensor:
     """``lowbit.kernels.w4a16_linear`` on a weight given as tensors (custom ops take no Python objects)."""
-    from lowbit.kernels.w4a16 import W4A16Layout, w4a16_linear
-
     n, k = qweight.shape[0], x.shape[-1]
     weight = PackedWeight(qweight, scales, zeros, bits, group_size, k, n)
     if words is not None:  # seed the cache with the layout prepared before tracing
-        layout = W4A16Layout(words, layout_scales, layout_zeros, chunk, group_size, k, n)
-        weight.prepared((LAYOUT_KIND, x.dtype), lambda: layout)
-    return w4a16_linear(x, weight, bias)
+        layout = w4a16.W4A16Layout(words, layout_scales, layout_zeros, chunk, group_size, k, n)
+        weight.prepared(w4a16.layout_key(x.dtype), lambda: layout)
+    return w4a16.w4a16_linear(x, weight, bias)
 
 
 @w4a16_linear_op.register_fake
@@ -49,7 +47,7 @@ def _(x, qweight, scales, zeros, bias, words, layout_scales, layout_zeros, bits,
 
 def traced_w4a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """What ``PackedLinear.forward`` calls while being compiled: the op, fed the layout cached for x's dtype."""
-    layout = weight.cached((LAYOUT_KIND, x.dtype))
+    layout = weight.cached(w4a16.layout_key(x.dtype))
     words, layout_scales, layout_zeros, chunk = (None, None, None, 0) if layout is None else (
         layout.words, layout.scales, layout.zeros, layout.chunk)
     return w4a16_linear_op(x, weight.packed, weight.scales, weight.zeros, bias, words, layout_scales, layout_zeros,
@@ -61,7 +59,6 @@ def prepare_for_compile(model: nn.Module, dtype: torch.dtype) -> int:
     each sits on, where a Triton kernel will run (the reference path needs none). Returns how many were built."""
     from lowbit.export.linear import PackedLinear
     from lowbit.kernels.dispatch import backend_for
-    from lowbit.kernels.w4a16 import chunk_size, prepare_w4a16
 
     built = 0
     for module in model.modules():
@@ -69,7 +66,7 @@ def prepare_for_compile(model: nn.Module, dtype: torch.dtype) -> int:
             continue
         weight = module.weight
         probe = torch.empty(0, dtype=dtype, device=weight.device)
-        if backend_for(probe) == "triton" and weight.bits == 4 and chunk_size(weight.group_size) is not None:
-            prepare_w4a16(weight, dtype)
+        if backend_for(probe) == "triton" and weight.bits == 4 and w4a16.chunk_size(weight.group_size) is not None:
+            w4a16.prepare_w4a16(weight, dtype)
             built += 1
     return built

@@ -137,6 +137,11 @@ def meta_dtype(weight: PackedWeight, dtype: torch.dtype) -> torch.dtype:
     return dtype if normal and torch.equal(z.to(dtype).float(), z) else torch.float32
 
 
+def layout_key(dtype: torch.dtype) -> tuple:
+    """The key ``prepare_w4a16`` caches a weight's layout under (``PackedWeight.prepared`` / ``cached``)."""
+    return ("w4a16", dtype)
+
+
 def prepare_w4a16(weight: PackedWeight, dtype: torch.dtype) -> W4A16Layout:
     """The planar layout of ``weight`` for activations of ``dtype``, built once and cached on the weight."""
 
@@ -158,7 +163,7 @@ def prepare_w4a16(weight: PackedWeight, dtype: torch.dtype) -> W4A16Layout:
             weight.group_size, weight.in_features, weight.out_features,
         )
 
-    return weight.prepared(("w4a16", dtype), build)
+    return weight.prepared(layout_key(dtype), build)
 
 
 def use_fixed_config() -> bool:

@@ -95,7 +95,7 @@ def int4_grad_input(
         qw_t = transpose_int8(_int8(qw))  # one tiled pass; torch's strided byte copy is slow
         return int8_matmul(_int8(rows), qw_t, index=plan.index, count=plan.ends[2:], row_scale=plan.val,
                            scatter_into=out)
-    sample = sample_rows(weight * _split_norms(rows, sq_norms), ratio, generator)
+    sample = sample_rows(weight * _row_norms(rows, sq_norms), ratio, generator)
     if sample.count is not None:  # padded sample (CUDA reference backend): the same gathered, scattered product
         from lowbit.kernels.int_gemm import int8_matmul_reference
 
@@ -136,8 +136,7 @@ def _plan(rows, weight, sq_norms, qx, ratio, generator) -> SamplePlan:
 
     if not fused_sampling():
         row_scores, sample_plan = row_scores_reference, sample_plan_reference
-    sq = sq_norms if sq_norms is not None else rows.float().pow(2).sum(dim=1)  # exact integers
-    scores, rowmax = row_scores(sq, weight, qx)
+    scores, rowmax = row_scores(_sq_norms(rows, sq_norms), weight, qx)
     u = torch.rand(scores.shape[0], generator=generator, device=rows.device) if ratio < 1 else None
     return sample_plan(scores, weight, u, rowmax, ratio, grouped=qx is not None)
 
@@ -177,13 +176,14 @@ def _sqrt_rn(sumsq: torch.Tensor) -> torch.Tensor:
     return sumsq.double().sqrt().float()
 
 
-def _row_norms(q: torch.Tensor) -> torch.Tensor:
-    """Row norms of an integer matrix (exact squared sums below 2^24, correctly rounded roots)."""
-    return _sqrt_rn(q.float().square().sum(dim=1))
+def _sq_norms(rows: torch.Tensor, sq_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared row norms of an integer matrix (exact below 2^24): ``sq_norms`` when the bit split gave them."""
+    return sq_norms if sq_norms is not None else rows.float().square().sum(dim=1)
 
 
-def _split_norms(rows: torch.Tensor, sq_norms: torch.Tensor | None) -> torch.Tensor:
-    return _sqrt_rn(sq_norms if sq_norms is not None else rows.float().square().sum(dim=1))
+def _row_norms(rows: torch.Tensor, sq_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Row norms of an integer matrix, correctly rounded."""
+    return _sqrt_rn(_sq_norms(rows, sq_norms))
 
 
 def requantize_scale(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +222,7 @@ def int4_grad_weight(
             extra = (plan.val, plan.rq[1], plan.rq[0], noise)
         return grad_weight_gemm(_int8(rows), _int8(qx), plan.index, plan.ends, plan.rq[2:], *extra)
     token = torch.arange(2 * n, device=rows.device) % n
-    sample = sample_rows(weight * _split_norms(rows, sq_norms) * _row_norms(qx)[token], ratio, generator)
+    sample = sample_rows(weight * _row_norms(rows, sq_norms) * _row_norms(qx)[token], ratio, generator)
     idx, p, group, ends = _group_rows(sample, n)
     w = torch.stack([weight[0], weight[-1]])  # hi rows weigh 14/s, lo rows 1/s
     noise = f = gain = scale = None
