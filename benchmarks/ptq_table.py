@@ -29,13 +29,17 @@ from lowbit.report import eval_and_record, print_markdown, write_json
 
 
 def parse_run(text: str, args) -> QuantConfig:
-    method, _, name = text.partition(":")
+    """``METHOD:W4A16g64``; ``METHOD+gptq:...`` rounds the calibrated weights by GPTQ (``gptq:...`` alone: GPTQ
+    without transforms). GPTQ settings come from ``--gptq-grid`` / ``--gptq-act-order`` where ``args`` has them."""
+    label, _, name = text.partition(":")
+    method, _, rounding = label.partition("+")
     m = re.fullmatch(r"W(\d+)A(\d+)(?:g(\d+))?", name)
-    if not m:
-        raise SystemExit(f"bad run {text!r}; expected METHOD:W4A16g64")
+    if not m or rounding not in ("", "gptq"):
+        raise SystemExit(f"bad run {text!r}; expected METHOD:W4A16g64 or METHOD+gptq:W4A16g64")
     return QuantConfig(method=method, wbits=int(m[1]), abits=int(m[2]), group_size=int(m[3]) if m[3] else None,
                        nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, batch_size=args.batch_size,
-                       seed=args.seed)
+                       seed=args.seed, rounding=rounding or None, gptq_grid=getattr(args, "gptq_grid", "minmax"),
+                       gptq_act_order=getattr(args, "gptq_act_order", True))
 
 
 def run_one(fp, config: QuantConfig, args, options: EvalOptions, parallel: bool) -> tuple[list[dict], str]:
@@ -47,7 +51,7 @@ def run_one(fp, config: QuantConfig, args, options: EvalOptions, parallel: bool)
         if cuda and not parallel:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        ckpt = None if args.checkpoint_dir is None else args.checkpoint_dir / f"{config.method}-{config.name}"
+        ckpt = None if args.checkpoint_dir is None else args.checkpoint_dir / f"{config.label}-{config.name}"
         # in threads, TF32 would mean flipping a process-wide switch under the other runs' feet
         quantize(loaded, config, device=args.device, checkpoint_dir=ckpt, progress=False, tf32=not parallel)
         wall = time.perf_counter() - start
@@ -55,18 +59,22 @@ def run_one(fp, config: QuantConfig, args, options: EvalOptions, parallel: bool)
         seconds = sum(e.seconds for e in log) if log else wall  # blocks restored from checkpoints keep their time
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         loaded.model.to(args.device)
-        new = eval_and_record(loaded, ["wikitext2"], options, f"{config.method} {config.name}", config)
+        new = eval_and_record(loaded, ["wikitext2"], options, f"{config.label} {config.name}", config)
         if stream is not None:
             stream.synchronize()
     blocks = len(loaded.adapter.blocks(loaded.model))
     for row in new:
-        row.update(calib_seconds=round(seconds, 1), wall_seconds_this_process=round(wall, 1),
+        row.update(method=config.label, rounding=config.rounding_method,
+                   gptq=None if config.rounding_method != "gptq" else {
+                       "grid": config.gptq_grid, "act_order": config.gptq_act_order, "damp": config.gptq_damp,
+                       "block_size": config.gptq_block_size},
+                   calib_seconds=round(seconds, 1), wall_seconds_this_process=round(wall, 1),
                    seconds_per_block=round(seconds / blocks, 2), concurrent_runs=args.parallel,
                    peak_gpu_gib=None if peak is None else round(peak, 2),
                    peak_gpu_scope="whole process, all concurrent runs" if parallel else "this run",
                    recipe={"nsamples": config.nsamples, "seqlen": config.seqlen,
                            "epochs": default_epochs(config), "batch_size": config.batch_size, "tf32": not parallel})
-    line = (f"| {config.method} | {config.name} | {new[0]['value']:.3f} | {seconds / blocks:.2f} | "
+    line = (f"| {config.label} | {config.name} | {new[0]['value']:.3f} | {seconds / blocks:.2f} | "
             f"{'-' if peak is None else f'{peak:.2f}'} |")
     loaded.model.to("cpu")
     return new, line
@@ -88,6 +96,10 @@ def main() -> None:
                         "s/block is then measured with the GPU shared, and peak memory covers all runs together")
     p.add_argument("--checkpoint-dir", type=Path, default=None,
                    help="per-block checkpoints (one subfolder per run): a killed run resumes where it stopped")
+    p.add_argument("--gptq-grid", default="minmax", choices=("minmax", "mse"),
+                   help="grid of gptq:... runs (runs after a calibrating method use its learnt clipping)")
+    p.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ rounds columns in decreasing Hessian diagonal (default on)")
     p.add_argument("--dtype", default="float32", help="model dtype for calibration and evaluation (default float32)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ptq_table.json")
     args = p.parse_args()

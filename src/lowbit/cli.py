@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     q.add_argument("--calib-data", default="wikitext2", help="wikitext2, ptb, lambada (non-test splits) or a .txt path")
     q.add_argument("--seed", type=int, default=0)
-    c = q.add_argument_group("calibration recipe (smoothquant / omniquant / affinequant)")
+    c = q.add_argument_group("calibration recipe (smoothquant / omniquant / affinequant / gptq)")
     c.add_argument("--epochs", type=int, default=None, help="epochs per block (default 20, 40 at 2 bits; 0 for smoothquant)")
     c.add_argument("--calib-batch-size", type=int, default=1, help="calibration windows per optimisation step (default 1)")
     c.add_argument("--let-lr", type=float, default=5e-3, help="learning rate of scales, shifts and matrices")
@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sf", type=float, default=None, help="AffineQuant stability factor (default 0.1 with activation quantization, else 0.01)")
     c.add_argument("--aug-loss", action="store_true", help="also match the FP block on the quantized inputs")
     c.add_argument("--norm-matrices", action="store_true", help="AffineQuant: full matrices after the norms (kept as online ops)")
+    c.add_argument("--rounding", default=None, choices=("rtn", "gptq"),
+                   help="final rounding of the weights (weight-only): gptq rounds the calibrated weights by GPTQ on "
+                        "the grid the method learnt (default: the method's own; --method gptq is GPTQ alone)")
+    c.add_argument("--gptq-grid", default="minmax", choices=("minmax", "mse"),
+                   help="GPTQ's grid where no clipping was learnt: min-max or an MSE clip search (default minmax)")
+    c.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ rounds columns in decreasing Hessian diagonal (default on)")
     c.add_argument("--checkpoint-dir", type=Path, default=None,
                    help="per-block checkpoints for resuming (default: .<output>.calib beside --output)")
     q.add_argument("--compare-rtn", action="store_true", help="with --eval: also evaluate RTN at the same bits, side by side")
@@ -169,7 +176,8 @@ def _run_quantize(args) -> int:
     config = QuantConfig(method=args.method, wbits=args.wbits, abits=args.abits, group_size=args.group_size,
                          nsamples=args.nsamples, seqlen=args.calib_seqlen, calib_data=args.calib_data, seed=args.seed,
                          epochs=args.epochs, batch_size=args.calib_batch_size, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
-                         alpha=args.alpha, sf=args.sf, aug_loss=args.aug_loss, norm_matrices=args.norm_matrices)
+                         alpha=args.alpha, sf=args.sf, aug_loss=args.aug_loss, norm_matrices=args.norm_matrices,
+                         rounding=args.rounding, gptq_grid=args.gptq_grid, gptq_act_order=args.gptq_act_order)
     if args.output.exists() and not args.overwrite:
         raise LowbitError(f"output {args.output} already exists; choose another --output or pass --overwrite")
     if args.format == "packed" and config.weight_spec is None:
@@ -198,7 +206,7 @@ def _run_quantize(args) -> int:
     loaded.model.to(device)
     log.info("quantized with %s %s in %.1f s", config.method, config.name, time.perf_counter() - start)
     if args.tasks:
-        columns.append(f"{config.method} {config.name}")
+        columns.append(f"{config.label} {config.name}")
         rows += eval_and_record(loaded, args.tasks, options, columns[-1], config)
     if args.format == "packed":
         from lowbit.export import save_packed
@@ -226,7 +234,7 @@ def _run_eval(args) -> int:
     device = _device(args.device)
     options = _eval_options(args, device)
     loaded = load_model(args.model, dtype=args.dtype, device=device)
-    label = loaded.source if loaded.quant_config is None else f"{loaded.quant_config.method} {loaded.quant_config.name}"
+    label = loaded.source if loaded.quant_config is None else f"{loaded.quant_config.label} {loaded.quant_config.name}"
     rows = eval_and_record(loaded, args.tasks, options, label, loaded.quant_config)
     print_table(rows, [label])
     if args.json:

@@ -13,7 +13,12 @@ from lowbit.errors import LowbitError
 from lowbit.quant.quantizer import MAX_BITS, MIN_BITS, QuantSpec
 
 FLOAT_BITS = 16
-METHODS = ("rtn", "smoothquant", "omniquant", "affinequant")
+METHODS = ("rtn", "smoothquant", "omniquant", "affinequant", "gptq")
+ROUNDINGS = ("rtn", "gptq")
+GPTQ_GRIDS = ("minmax", "mse")
+# Fields added after the first release: written out only when they differ from their defaults, so the checkpoint
+# manifests of runs started before them still match (resume) and older readers still load plain configs.
+_LATER_FIELDS = ("rounding", "gptq_grid", "gptq_act_order", "gptq_damp", "gptq_block_size")
 
 
 def _check_bits(name: str, value: Any) -> None:
@@ -47,6 +52,13 @@ class QuantConfig:
     sf: float | None = None
     aug_loss: bool = False
     norm_matrices: bool = False
+    # final rounding of the weights: None is the method's own (GPTQ for ``gptq``, round-to-nearest otherwise);
+    # "gptq" after a calibrating method rounds its merged weights by GPTQ on the grid it learnt (weight-only)
+    rounding: str | None = None
+    gptq_grid: str = "minmax"  # grid where no learnt clipping exists: per-group min-max, or the MSE clip search
+    gptq_act_order: bool = True  # columns in decreasing Hessian diagonal (static groups: each keeps its own grid)
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -62,6 +74,35 @@ class QuantConfig:
             raise LowbitError(f"--epochs must be 0 or more, got {self.epochs}")
         if not 0.0 <= self.alpha <= 1.0:
             raise LowbitError(f"--alpha must be in [0, 1], got {self.alpha}")
+        self._check_rounding()
+
+    def _check_rounding(self) -> None:
+        if self.rounding not in (None, *ROUNDINGS):
+            raise LowbitError(f"unknown rounding {self.rounding!r}; choose one of: {', '.join(ROUNDINGS)}")
+        if self.method == "rtn" and self.rounding == "gptq":
+            raise LowbitError("--method rtn rounds to nearest; for GPTQ alone use --method gptq")
+        if self.method == "gptq" and self.rounding == "rtn":
+            raise LowbitError("--method gptq rounds by GPTQ; --rounding rtn contradicts it")
+        if self.gptq_grid not in GPTQ_GRIDS:
+            raise LowbitError(f"--gptq-grid must be one of {', '.join(GPTQ_GRIDS)}, got {self.gptq_grid!r}")
+        if not 0.0 < self.gptq_damp < 1.0 or self.gptq_block_size < 1:
+            raise LowbitError(f"GPTQ needs damping in (0, 1) and a positive block size, got {self.gptq_damp} "
+                              f"and {self.gptq_block_size}")
+        if self.rounding_method == "gptq" and (self.abits != FLOAT_BITS or self.wbits == FLOAT_BITS):
+            raise LowbitError(
+                f"GPTQ rounding is weight-only: it needs --abits {FLOAT_BITS} and --wbits below {FLOAT_BITS}, got "
+                f"{self.name} (its Hessian would have to be of fake-quantized activations, which is not implemented)"
+            )
+
+    @property
+    def rounding_method(self) -> str:
+        """How the final weights are rounded: ``gptq`` or ``rtn``."""
+        return "gptq" if self.method == "gptq" or self.rounding == "gptq" else "rtn"
+
+    @property
+    def label(self) -> str:
+        """The method as tables name it: ``affinequant+gptq`` when GPTQ rounds after a calibrating method."""
+        return f"{self.method}+gptq" if self.method != "gptq" and self.rounding_method == "gptq" else self.method
 
     @property
     def weight_spec(self) -> QuantSpec | None:
@@ -83,7 +124,8 @@ class QuantConfig:
         return f"W{self.wbits}A{self.abits}{group}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        defaults = {f.name: f.default for f in fields(self)}
+        return {k: v for k, v in asdict(self).items() if k not in _LATER_FIELDS or v != defaults[k]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:

@@ -1,7 +1,8 @@
 """Post-training quantization behind one call: ``quantize(loaded, config)``.
 
 ``rtn`` rounds directly; ``smoothquant``, ``omniquant`` and ``affinequant`` calibrate block by block on
-``config.nsamples`` windows of ``config.seqlen`` tokens from ``config.calib_data`` (never a test split).
+``config.nsamples`` windows of ``config.seqlen`` tokens from ``config.calib_data`` (never a test split), and so
+does ``gptq`` (no transforms, GPTQ rounding); ``rounding="gptq"`` ends a weight-only method with GPTQ.
 """
 
 from __future__ import annotations

@@ -185,8 +185,10 @@ class BlockCalibration(nn.Module):
     # ------------------------------------------------------------------------------------------- merging
 
     @torch.no_grad()
-    def merge(self) -> list[str]:
-        """Write the transforms into the weights, bake the rounded weights; returns the online ops left."""
+    def merge(self, bake: bool = True) -> list[str]:
+        """Write the transforms into the weights, bake the rounded weights; returns the online ops left.
+        ``bake=False`` leaves the merged weights in float with their grids (spec and learnt clipping) attached,
+        for a rounding stage of its own (GPTQ, ``lowbit.ptq.rounding``)."""
         weights = self.transformed_weights()
         for name, q in self.linears.items():
             q.weight.copy_(weights[f"{name}.weight"])
@@ -208,6 +210,7 @@ class BlockCalibration(nn.Module):
             else:
                 attach_online(norm, OnlineTransform(t.inverse(), t.shift))
                 online.append(pair.source)
-        for q in self.linears.values():
-            q.bake_weight()
+        if bake:
+            for q in self.linears.values():
+                q.bake_weight()
         return online

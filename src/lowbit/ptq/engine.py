@@ -1,8 +1,8 @@
 """Block-by-block calibration: the one straight path every calibrating method takes.
 
 capture block-0 inputs → for each block: full-precision targets → initialise the method's transforms → optimise
-MSE(quantized block, targets) → merge into the weights → quantized outputs feed the next block → save the block
-(resume). Blocks not being calibrated stay on the CPU. One host sync per epoch (the loss check), none per step.
+MSE(quantized block, targets) → merge into the weights → round them (to nearest on the learnt grid, or by GPTQ on
+the same grid: ``lowbit.ptq.rounding``) → quantized outputs feed the next block → save the block (resume). Blocks not being calibrated stay on the CPU. One host sync per epoch (the loss check), none per step.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from lowbit.models.loading import LoadedModel
 from lowbit.ptq.block import BlockCalibration, TransformPlan
 from lowbit.ptq.capture import capture_block_inputs
 from lowbit.ptq.checkpoint import BlockCheckpoints
+from lowbit.ptq.recipes import gptq_options
+from lowbit.ptq.rounding import gptq_block
 from lowbit.ptq.step import CalibStep
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class BlockLog:
     repaired_rows: int = 0
     online_ops: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    gptq: dict[str, dict[str, float]] = field(default_factory=dict)  # per linear: output error of RTN and GPTQ
 
 
 def block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -167,8 +170,9 @@ def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, op
     # One capture stream for the whole run: the caching allocator keeps freed memory per stream, so a new stream
     # per block would strand each block's graph memory (30+ GiB by block 20 with four runs sharing a GPU).
     capture_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    gptq = gptq_options(config)
     logs: list[BlockLog] = []
-    bar = tqdm(range(len(blocks)), desc=f"{config.method} {config.name}", unit="block", disable=not opts.progress)
+    bar = tqdm(range(len(blocks)), desc=f"{config.label} {config.name}", unit="block", disable=not opts.progress)
     for b in bar:
         start = time.perf_counter()
         block = blocks[b].to(device, torch.float32)
@@ -184,7 +188,10 @@ def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, op
             _optimise(calib, q_in, fp_out, aug, kwargs, opts, seed=config.seed * 1000 + b, entry=entry, bar=bar,
                       capture_stream=capture_stream)
             entry.dominance_margin = calib.dominance_margin()
-            entry.online_ops = calib.merge()
+            entry.online_ops = calib.merge(bake=gptq is None)
+            if gptq is not None:  # final rounding after the transforms are fixed: no host syncs to worry about
+                bar.set_postfix(block=b, stage="gptq")
+                entry.gptq = gptq_block(block, calib.linears, adapter, q_in, kwargs, batch, gptq)
         q_out = _run(lambda x: block(x, **kwargs), q_in, batch)
         entry.loss_after = float(block_loss(q_out, fp_out))
         if saved is None:  # a restored block keeps the time it took when it was calibrated
