@@ -1,7 +1,7 @@
 """W4A16 batch-1 GEMV sweep: every config of ``lowbit``'s GEMV against bf16/fp16 cuBLAS and torch's int4 tinygemm.
 
     export PYTHONPATH=$PWD/src; python benchmarks/gemv_sweep.py --out $OUT/gemv_sweep.json   # H100: ~2-3 min
-    python benchmarks/gemv_sweep.py --quick        # bf16, group 128 only
+    python benchmarks/gemv_sweep.py --quick        # bf16, group 128 only (--quick --fp16: and fp16, group 128)
     python benchmarks/gemv_sweep.py --old FILE     # also time an older w4a16_gemv.py (its candidates and _launch)
 
     # new kernel vs the committed one vs tinygemm vs bf16 in one run (H100, ~2 min):
@@ -11,7 +11,9 @@
 M = 1, shapes (N out, K in) 4096x4096, 11008x4096, 4096x11008, 14336x4096 (plus 1024x4096, narrow enough that the
 GEMV splits K), group 128 and per-channel, bf16 and fp16 activations. Per case, in the same run: dense cuBLAS
 ``F.linear`` in the activation dtype, tinygemm ``_weight_int4pack_mm`` (bf16, group 128 only), the autotuned
-``w4a16_linear`` (what callers get), and every config ``w4a16_gemv.candidates`` lists, launched directly. Timing as
+``w4a16_linear`` (what callers get), and every config ``w4a16_gemv.candidates`` lists, launched directly (on CUDA
+these take the inline-PTX step, ``w4a16_gemv_asm``; ``meta.asm_path`` records it), plus the tuned tile with the
+plain-Triton step ("plain ...") for comparison. Timing as
 in ``inference_kernels.py`` (whose helpers this reuses): CUDA graphs cycling through enough weight copies to miss
 the 50 MB L2, CUDA events, warm-up, median of >= 30 replays. Each config's output is checked against the float32
 reference with the tests' bound (|error| <= tol * |x| @ |W|^T), for determinism (two eager calls, same bits) and
@@ -123,6 +125,8 @@ def bench_case(n, k, group, dtype, cfg: Config, old, all_configs: bool) -> dict:
 
     y = torch.empty((1, n), dtype=dtype, device="cuda")
     configs = [("new", c, G._launch) for c in (G.candidates(layouts[0]) if all_configs else [tuned] if tuned else [])]
+    if tuned:
+        configs.append(("plain", tuned[:5] + (False,), G._launch))
     if old is not None:
         old_configs = old.candidates(layouts[0]) if hasattr(old, "candidates") else old.CONFIGS
         configs += [("old", c, old._launch) for c in old_configs]
@@ -170,7 +174,7 @@ def print_table(rows):
          f"{r['best_new']} | {r['all_pass']} |" for r in rows])
     print("\n(us per call, speedup over dense cuBLAS in the activation dtype in parentheses)\n")
     for r in rows:
-        ranked = sorted((t, key) for key, t in r["us"].items() if key.startswith(("new ", "old ")))
+        ranked = sorted((t, key) for key, t in r["us"].items() if key.startswith(("new ", "old ", "plain ")))
         print(f"{r['n']}x{r['k']} {r['dtype']} g{r['group']}: " + ", ".join(f"{key} {t:.1f}" for t, key in ranked))
         for key, why in r["failures"].items():
             print(f"  n/a {key}: {why}")
@@ -179,6 +183,7 @@ def print_table(rows):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="bf16, group 128 only")
+    p.add_argument("--fp16", action="store_true", help="with --quick: fp16, group 128 as well")
     p.add_argument("--tuned-only", action="store_true", help="time the autotuned call, not every config")
     p.add_argument("--old", type=Path, help="an older w4a16_gemv.py to time too (its candidates through its _launch)")
     p.add_argument("--iters", type=int, default=30)
@@ -192,12 +197,15 @@ def main(argv=None) -> None:
         raise LowbitError(f"--iters must be at least 30, got {a.iters}")
     import triton
 
+    from lowbit.kernels.w4a16_gemv_asm import asm_supported
+
     old = load_old(a.old) if a.old else None
     cfg = Config(tuple(SHAPES), (1,), a.iters, a.warmup, 128, True, a.seed)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "argv": sys.argv[1:], "iters": a.iters}
+            "argv": sys.argv[1:], "iters": a.iters, "asm_path": asm_supported(torch.bfloat16, torch.bfloat16)}
     rows, start = [], time.time()
-    cases = [(torch.bfloat16, 128)] + ([] if a.quick else [(torch.bfloat16, 0), (torch.float16, 128), (torch.float16, 0)])
+    cases = [(torch.bfloat16, 128)] + ([(torch.float16, 128)] if a.quick and a.fp16 else [] if a.quick else
+                                      [(torch.bfloat16, 0), (torch.float16, 128), (torch.float16, 0)])
     for dtype, group in cases:
         for n, k in SHAPES:
             g = group or k

@@ -1,7 +1,11 @@
 """The W4A16 batch-1 GEMV (``lowbit.kernels.w4a16_gemv``) against ``F.linear(x, weight.dequantize())``: every
 constexpr path (prefetch on/off, paired shifts for 16-bit activations, split or not) and every tile the tuner
 times, on odd shapes (K = 576 and 1536, N not a multiple of the tile), fp16/bf16/fp32, bias or not, group
-32/64/128/per-channel. CPU interpreter or CUDA."""
+32/64/128/per-channel. CPU interpreter or CUDA.
+
+The inline-PTX step (``w4a16_gemv_asm``, packed 16-bit dequantization) runs only on CUDA: on the CPU its PyTorch
+reference, which rounds as the PTX does, is held to the same bound; on the GPU the kernel is compared with the
+float32 truth and with that reference, on the LLaMA shapes and odd ones, bf16 and fp16, group 128 and per channel."""
 
 import importlib
 
@@ -93,10 +97,84 @@ def test_heuristic_and_candidates_shapes(w4a16):
     narrow_chunk = w4a16.W4A16Layout(torch.empty(1024, 1, 1), None, None, 32, 32, 4096, 4096)
     assert gemv.tile_chunks(narrow_chunk, 2) == 8
     for config in gemv.candidates(wide):
-        bnb, chunks, warps, splits, prefetch = config
-        assert chunks * (wide.chunk // 8) * 2 == 32 * warps and splits >= 1 and isinstance(prefetch, bool)
+        bnb, chunks, warps, splits, prefetch, use_asm = config
+        assert chunks * (wide.chunk // 8) * 2 == 32 * warps and splits >= 1 and isinstance(prefetch, bool) and use_asm
     weight, x, b, layout = _case(w4a16, 33, 576, 64, torch.bfloat16, False)
     assert_w4a16_close(_run(gemv, x, layout, b, (1, 4, 1, 1)), x, weight, b)
+
+
+ASM_CASES = [  # (N, K, group, dtype, scale_x): odd shapes, zero points as the quantizer makes them
+    (33, 1536, 128, torch.bfloat16, 1.0),
+    (40, 576, 64, torch.float16, 1.0),
+    (37, 1536, 1536, torch.bfloat16, 1.0),  # per channel
+    (24, 576, 576, torch.float16, 1.0),
+    (17, 576, 64, torch.float16, 300.0),  # large fp16 activations: the x / 16 pairs keep the lanes finite
+    (64, 4096, 128, torch.bfloat16, 1.0),
+]
+
+
+@pytest.mark.parametrize("n,k,group,dtype,scale_x", ASM_CASES)
+def test_inline_ptx_numerics_within_bound(w4a16, n, k, group, dtype, scale_x):
+    """The packed 16-bit arithmetic of the PTX step (its PyTorch reference) stays inside the tests' bound."""
+    asm = importlib.import_module("lowbit.kernels.w4a16_gemv_asm")
+    weight, x, b, layout = _case(w4a16, n, k, group, dtype, True, scale_x=scale_x)
+    assert_w4a16_close(asm.gemv_reference(x.cpu(), _cpu(layout), b.cpu()), x.cpu(), weight.to("cpu"), b.cpu())
+
+
+def test_word_dot_pairs_planes_with_their_activations(w4a16):
+    """Plane i of a word (nibble i) meets activation i; with small integers every step is exact."""
+    asm = importlib.import_module("lowbit.kernels.w4a16_gemv_asm")
+    codes = torch.tensor([3, 15, 0, 7, 9, 1, 12, 5])
+    word = int((codes << (4 * torch.arange(8))).sum())
+    words = torch.tensor([word - 2**32 if word >= 2**31 else word], dtype=torch.int32)
+    x = torch.tensor([[1.0, -2.0, 4.0, 0.5, -1.0, 3.0, 2.0, -0.25]])
+    for dtype in (torch.bfloat16, torch.float16):
+        got = asm.word_dot_reference(words, x.to(dtype), torch.tensor([4.0], dtype=dtype))
+        want = float(((codes - 4) * x[0]).sum()) * asm.X_SCALE[dtype]
+        assert float(got) == want
+
+
+def _cpu(layout):
+    return type(layout)(layout.words.cpu(), layout.scales.cpu(), layout.zeros.cpu(), layout.chunk, layout.group_size,
+                        layout.in_features, layout.out_features)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n,k,group,dtype,scale_x", ASM_CASES + [
+    (4096, 4096, 128, torch.bfloat16, 1.0), (11008, 4096, 128, torch.float16, 1.0),
+    (4096, 11008, 128, torch.bfloat16, 1.0), (14336, 4096, 128, torch.bfloat16, 1.0),
+    (4096, 4096, 4096, torch.float16, 1.0), (4096, 11008, 11008, torch.bfloat16, 1.0)])
+def test_inline_ptx_path_on_gpu(w4a16, n, k, group, dtype, scale_x):
+    """On CUDA the PTX step is taken; split, unsplit, prefetching or not, it is within the bound of the truth and
+    close to its own PyTorch reference, and the plain-Triton step (asm off) still passes too. (Every tuner
+    candidate runs in ``test_llama_shapes_every_candidate_on_gpu``.)"""
+    gemv, asm = w4a16.w4a16_gemv, importlib.import_module("lowbit.kernels.w4a16_gemv_asm")
+    weight, x, b, layout = _case(w4a16, n, k, group, dtype, True, scale_x=scale_x)
+    assert asm.asm_supported(x.dtype, layout.scales.dtype)
+    ref = asm.gemv_reference(x, layout, b).float()
+    configs = [gemv.heuristic(layout), (2, 4, 2, 3, True, True), (8, 1, 1, 2, False, True), (4, 2, 1, 1, True, True)]
+    for config in configs + [gemv.heuristic(layout)[:5] + (False,)]:  # the last one: the plain-Triton step
+        y = _run(gemv, x, layout, b, config)
+        assert_w4a16_close(y, x, weight, b)
+        if config[5]:  # only the summation order differs from the reference
+            scale = (x.float().abs() @ weight.dequantize().abs().T) + 1e-6
+            assert float(((y.float() - ref).abs() / scale).max()) < 4 * torch.finfo(dtype).eps, config
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tuner_times_graph_replays(w4a16, monkeypatch):
+    """With autotuning on, the first call times the candidates as CUDA-graph replays and remembers one of them."""
+    gemv = w4a16.w4a16_gemv
+    monkeypatch.setenv("LOWBIT_AUTOTUNE", "1")
+    weight, x, b, layout = _case(w4a16, 1024, 4096, 128, torch.bfloat16, False)
+    copies = gemv._layout_copies(layout, x.device)
+    assert len(copies) >= 2
+    y = torch.empty((1, 1024), dtype=x.dtype, device="cuda")
+    assert gemv._time_config(x, layout, copies, None, y, gemv.heuristic(layout)) > 0
+    assert_w4a16_close(gemv.gemv(x, layout, None), x, weight)
+    assert any(key[:2] == (1024, 4096) and value in gemv.candidates(layout) for key, value in gemv._tuned.items())
 
 
 @pytest.mark.gpu

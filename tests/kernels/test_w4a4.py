@@ -13,7 +13,7 @@ from lowbit.errors import LowbitError
 from lowbit.kernels.weights import PackedWeight
 from lowbit.quant.quantizer import QuantSpec, fake_quantize
 
-KERNEL_MODULES = ("lowbit.kernels.w4a16", "lowbit.kernels.int8_gemm", "lowbit.kernels.w4a4")
+KERNEL_MODULES = ("lowbit.kernels.w4a16", "lowbit.kernels.int8_gemm", "lowbit.kernels.w4a4", "lowbit.kernels.w4a4_fp8")
 EPILOGUE_TOL = 2e-5  # relative to sum |x_q| |w|: float32 rounding of the scales and the reference's float32 matmul
 
 

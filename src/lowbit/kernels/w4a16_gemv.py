@@ -34,17 +34,27 @@ Measured on the H100 (CUDA graphs, bf16, group 128; benchmarks/gemv_sweep.py, BE
 18.7 us for 4096x4096 / 11008x4096 / 4096x11008 / 14336x4096, 2.05-2.52x bf16 cuBLAS, level with torch's tinygemm
 (2.34-2.55x); the previous kernel took 10.3 / 22.4 / 24.3 / 25.7.
 
-Tuning: on CUDA a small search (L2 flushed) picks (BNB, CHUNKS, warps, splits, prefetch) per (N, K, chunk, group,
-dtypes) once, eagerly (a call under graph capture that finds no tuned entry uses the heuristic tile);
-``LOWBIT_AUTOTUNE=0`` and the CPU interpreter use the heuristic tile.
+- ASM (on CUDA, 16-bit x and metadata): the step's math is inline PTX (``w4a16_gemv_asm``): packed 16-bit
+  dequantization and products, two weights per instruction, one float32 term per word. Offline SASS (sm_90,
+  triton 3.6, chunk 128): 3.6-3.7 instructions per weight for the (8, *, *) tiles, 3.9-4.1 for (4, *, *), from
+  4.1-4.4 / 4.9-5.0 plain; no spills except 6 spill instructions for bf16 (4, 2, 2) split. The CPU interpreter
+  cannot run PTX, so it runs the plain step (the float32 one described above).
+
+Tuning: on CUDA a small search picks (BNB, CHUNKS, warps, splits, prefetch, asm) per (N, K, chunk, group, dtypes)
+once, timing each candidate as callers run it: CUDA-graph replays cycling through copies of the weight that cover
+twice the L2 (eager timing with L2 flushed ranked tiles differently: 10.2 us picked at 1024x4096 where 6.5 us
+existed); eager timing only when the copies do not fit or capture fails. A call under graph capture that finds no
+tuned entry uses the heuristic tile; ``LOWBIT_AUTOTUNE=0`` and the CPU interpreter use the heuristic tile.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
+from lowbit.kernels import w4a16_gemv_asm as asm
 from lowbit.kernels.dispatch import interpreting
 
 try:
@@ -86,7 +96,7 @@ if triton is not None:
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, N, NP, K, ROW_STRIDE, CPS, SPLITS,
                      MASK_LO, MASK_HI, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, KW: tl.constexpr,
                      R: tl.constexpr, CPG: tl.constexpr, BNB: tl.constexpr, CHUNKS: tl.constexpr,
-                     PREFETCH: tl.constexpr, PAIRED: tl.constexpr):
+                     PREFETCH: tl.constexpr, PAIRED: tl.constexpr, ASM: tl.constexpr, F16: tl.constexpr):
         C: tl.constexpr = 8 * KW
         u = tl.arange(0, CHUNKS)[:, None, None, None]
         j = tl.arange(0, KW)[None, :, None, None]
@@ -114,22 +124,25 @@ if triton is not None:
                 z_next = tl.load(z_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
             x_ptrs = x_ptr + (c0 + xu) * C + xj
             x_ok = c0 + xu < end
-            part = tl.full((CHUNKS, KW, BNB, R), 0, tl.float32)
-            x_sum = tl.full((CHUNKS, KW), 0, tl.float32)
-            x_even = tl.full((CHUNKS, KW), 0, tl.float32)
-            for i in tl.static_range(8):
-                xi = tl.load(x_ptrs + i * KW, mask=x_ok, other=0).to(tl.float32)
-                part += _units(w, MASK_LO, MASK_HI, i, PAIRED) * xi[:, :, None, None]
-                x_sum += xi
-                if PAIRED and i % 2 == 0:
-                    x_even += xi
-            if PAIRED:
-                x_base = 16.0 * x_sum + 240.0 * x_even  # sum BASE_i x_i
+            if ASM:  # packed 16-bit dequantization and products in inline PTX (w4a16_gemv_asm)
+                acc += s.to(tl.float32) * asm.asm_step(w, z, x_ptrs, x_ok, KW, F16)
             else:
-                x_base = 16.0 * x_sum
-            # sum (c - z) x = sum (BASE + c) x - sum BASE x - z sum x
-            corr = x_base[:, :, None, None] + z.to(tl.float32) * x_sum[:, :, None, None]
-            acc += s.to(tl.float32) * (part - corr)
+                part = tl.full((CHUNKS, KW, BNB, R), 0, tl.float32)
+                x_sum = tl.full((CHUNKS, KW), 0, tl.float32)
+                x_even = tl.full((CHUNKS, KW), 0, tl.float32)
+                for i in tl.static_range(8):
+                    xi = tl.load(x_ptrs + i * KW, mask=x_ok, other=0).to(tl.float32)
+                    part += _units(w, MASK_LO, MASK_HI, i, PAIRED) * xi[:, :, None, None]
+                    x_sum += xi
+                    if PAIRED and i % 2 == 0:
+                        x_even += xi
+                if PAIRED:
+                    x_base = 16.0 * x_sum + 240.0 * x_even  # sum BASE_i x_i
+                else:
+                    x_base = 16.0 * x_sum
+                # sum (c - z) x = sum (BASE + c) x - sum BASE x - z sum x
+                corr = x_base[:, :, None, None] + z.to(tl.float32) * x_sum[:, :, None, None]
+                acc += s.to(tl.float32) * (part - corr)
             if PREFETCH:
                 w = w_next
                 s = s_next
@@ -140,6 +153,8 @@ if triton is not None:
                 s = tl.load(s_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
                 z = tl.load(z_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
         y = tl.reshape(tl.reduce(tl.reduce(acc, 0, _SUM), 0, _SUM), (BNB * R,))
+        if ASM and F16:
+            y = y * 16.0  # the fp16 pairs held x / 16 (exact: a power of two)
         rows = tile * (BNB * R) + tl.arange(0, BNB * R)
         if SPLIT:
             tl.store(p_ptr + tl.program_id(1) * NP + rows, y, mask=rows < NP)
@@ -175,7 +190,7 @@ def heuristic(layout) -> tuple:
     """The untuned config: 32 rows per 128-thread CTA, split K for narrow N, prefetching (CPU interpreter: 4 rows,
     4 chunks per step, one warp)."""
     tile = (1, 4, 1) if interpreting() else (8, tile_chunks(layout, 4), 4)
-    return tile + (auto_splits(layout, tile), True)
+    return tile + (auto_splits(layout, tile), True, True)
 
 
 def _counter_tensor(device: torch.device, tiles: int) -> torch.Tensor:
@@ -191,9 +206,11 @@ def _counter_tensor(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 def _launch(x, layout, bias, y, config) -> None:
-    """One launch with config (BNB, CHUNKS, warps, splits[, prefetch]); prefetch defaults to on."""
+    """One launch with config (BNB, CHUNKS, warps, splits[, prefetch[, asm]]): prefetch defaults to on; asm (default
+    on) takes the inline-PTX step where ``asm.asm_supported`` allows it (CUDA, 16-bit x and metadata)."""
     bnb, chunks, warps, splits = config[:4]
     prefetch = bool(config[4]) if len(config) > 4 else True
+    use_asm = (bool(config[5]) if len(config) > 5 else True) and asm.asm_supported(x.dtype, layout.scales.dtype)
     n, k = layout.out_features, layout.in_features
     steps = triton.cdiv(k // layout.chunk, chunks)
     per_split = triton.cdiv(steps, max(1, min(splits, steps)))  # loop steps per CTA
@@ -208,21 +225,65 @@ def _launch(x, layout, bias, y, config) -> None:
                                   partial, counters, n, layout.padded_rows, k, k // 8 * R, per_split * chunks, splits,
                                   MASK_LO, MASK_HI, HAS_BIAS=bias is not None, SPLIT=splits > 1,
                                   KW=layout.chunk // 8, R=R, CPG=layout.group_size // layout.chunk, BNB=bnb,
-                                  CHUNKS=chunks, PREFETCH=prefetch, PAIRED=x.dtype != torch.float32,
-                                  num_warps=warps)
+                                  CHUNKS=chunks, PREFETCH=prefetch, PAIRED=x.dtype != torch.float32, ASM=use_asm,
+                                  F16=x.dtype == torch.float16, num_warps=warps)
 
 
 def candidates(layout) -> list:
     """Configs the tuner times: each tile prefetching, unsplit and split as ``auto_splits`` says when that is more
-    than one; the first three tiles also without prefetch (the loads then wait for the step's math)."""
+    than one; the first three tiles also without prefetch (the loads then wait for the step's math). All allow the
+    inline-PTX step (used where supported)."""
     out = []
     for index, (bnb, warps) in enumerate(TILES):
         tile = (bnb, tile_chunks(layout, warps), warps)
         for prefetch in (True, False) if index < 3 else (True,):
-            out.append(tile + (1, prefetch))
+            out.append(tile + (1, prefetch, True))
             if auto_splits(layout, tile) > 1:
-                out.append(tile + (auto_splits(layout, tile), prefetch))
+                out.append(tile + (auto_splits(layout, tile), prefetch, True))
     return out
+
+
+def _layout_copies(layout, device: torch.device) -> list:
+    """Enough copies of the layout's tensors to cover twice the L2 (at most 16, within a quarter of the free memory),
+    so that timed launches cycling through them read from DRAM as decode does; [] when they do not fit."""
+    size = sum(t.numel() * t.element_size() for t in (layout.words, layout.scales, layout.zeros))
+    count = min(16, -(-2 * torch.cuda.get_device_properties(device).L2_cache_size // size))
+    if count * size > torch.cuda.mem_get_info(device)[0] // 4:
+        return []
+    clone = {"words": layout.words, "scales": layout.scales, "zeros": layout.zeros}
+    return [layout] + [dataclasses.replace(layout, **{k: v.clone() for k, v in clone.items()}) for _ in range(count - 1)]
+
+
+def _time_config(x, layout, copies: list, bias, y, config, replays: int = 7) -> float:
+    """Time per call of ``config`` (ms) as callers run it: one CUDA graph launching it on each copy in turn,
+    replayed, median per launch. Eager, L2-flushed timing ranks tiles differently (it picked 10.2 us at 1024x4096
+    where a 6.5 us tile exists), so it is only the fallback, when no copies fit or capture fails."""
+    _launch(x, layout, bias, y, config)  # compiles, and fails here for a tile that does not fit
+    if not copies:
+        return triton.testing.do_bench(lambda: _launch(x, layout, bias, y, config), warmup=5, rep=25)
+    try:
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # the eager counters exist before capture, as for callers
+            _launch(x, layout, bias, y, config)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for copy in copies:
+                _launch(x, copy, bias, y, config)
+        graph.replay()
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / len(copies))
+        return sorted(times)[len(times) // 2]
+    except RuntimeError:  # capture unavailable here: eager timing
+        torch.cuda.synchronize(x.device)
+        return triton.testing.do_bench(lambda: _launch(x, layout, bias, y, config), warmup=5, rep=25)
 
 
 def gemv(x: torch.Tensor, layout, bias: torch.Tensor | None) -> torch.Tensor:
@@ -237,12 +298,14 @@ def gemv(x: torch.Tensor, layout, bias: torch.Tensor | None) -> torch.Tensor:
         if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: the heuristic, not remembered
             _launch(x, layout, bias, y, heuristic(layout))
             return y
-        times = {}  # time each config once, keep the fastest
+        times = {}  # time each config as it will run (CUDA-graph replays missing L2), keep the fastest
+        copies = _layout_copies(layout, x.device)
         for config in candidates(layout):
             try:
-                times[config] = triton.testing.do_bench(lambda: _launch(x, layout, bias, y, config), warmup=5, rep=25)
+                times[config] = _time_config(x, layout, copies, bias, y, config)
             except Exception:  # noqa: BLE001 - a tile that does not compile or fit is skipped
                 continue
+        del copies
         _tuned[key] = min(times, key=times.get) if times else heuristic(layout)
     _launch(x, layout, bias, y, _tuned[key])
     return y

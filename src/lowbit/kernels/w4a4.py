@@ -2,11 +2,20 @@
 
 ``wxax_linear(x, weight, act_bits, act_symmetric, bias)`` is, by definition (``wxax_linear_reference``),
 ``F.linear(fake_quantize(x, QuantSpec(act_bits, act_symmetric, "token")), weight.dequantize(), bias)`` in float32,
-cast to x.dtype. The GPU path computes the same thing exactly in integers and rounds only in the epilogue:
+cast to x.dtype. Two GPU paths compute the same thing exactly in integers and round only in the epilogue:
+
+- The INT8 Triton GEMM (below), the default everywhere.
+- Opt-in (``path="fp8"``), for 4-bit per-channel weights and act_bits <= 4: FP8 codes and cuBLAS's FP8 GEMM
+  (``lowbit.kernels.w4a4_fp8``). It is 1.16-1.44x bf16 at M >= 2048 on an H100 against the INT8 path's
+  0.98-1.20x, but it is NOT exact there: Hopper's FP8 tensor cores accumulate in reduced precision, and the H100
+  GPU tests found integer sums of ~2e6 off (2026-11-24). ``FP8_AUTO`` stays False until that is solved.
+
+The INT8 path:
 
 1. ``quantize_activations``: one Triton program per token row computes the row's scale and zero point with the
    quantizer's float32 operations (correctly rounded divisions, round-half-to-even), and writes int8 codes
    ``a = q - shift`` (shift = 2^(bits-1) for asymmetric codes, 0 for symmetric), plus per-group row sums of ``a``.
+   The same kernel writes the FP8 path's codes; it reads a row in chunks (``launch_quantize_rows`` says why).
 2. ``lowbit.kernels.int8_gemm``: for every weight group g, ``sum_k (q - zx)(c - zw)`` with ``q - zx = a + alpha``
    and ``c - zw = b + beta`` expands into ``sum a b`` (int8 tensor cores, int32 accumulation, 4-bit weights
    unpacked from nibbles in the kernel) ``+ beta sum a + alpha sum b + G alpha beta`` (rank-1 corrections from
@@ -52,21 +61,42 @@ def wxax_linear_reference(x: torch.Tensor, weight: PackedWeight, act_bits: int, 
     return y.to(x.dtype)
 
 
+PATHS = ("auto", "fp8", "int8")
+FP8_AUTO = False  # "auto" never picks FP8: its accumulation is inexact on Hopper (module docstring)
+
+
 def wxax_linear(x: torch.Tensor, weight: PackedWeight, act_bits: int, act_symmetric: bool = False,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = fake_quantize_per_token(x) @ dequantize(weight).T + bias, computed in integers on the GPU path."""
+                bias: torch.Tensor | None = None, *, path: str = "auto", cache_weight: bool = False) -> torch.Tensor:
+    """y = fake_quantize_per_token(x) @ dequantize(weight).T + bias, computed in integers on the GPU path.
+
+    ``path="auto"`` takes the FP8 cuBLAS path of ``lowbit.kernels.w4a4_fp8`` where its rule says so (CUDA, M >= 1024
+    tokens, 4-bit per-channel weight, act_bits <= 4, fp16/bf16) and the INT8 Triton GEMM otherwise; ``"int8"``
+    forces the INT8 GEMM (the previous path, kept for benchmarks), ``"fp8"`` the FP8 path (an error where it does
+    not apply). ``cache_weight`` keeps the FP8 path's unpacked weight on ``weight`` (1 byte per weight) instead of
+    unpacking it at every call, the default."""
     check_linear_inputs(x, weight, bias, "wxax_linear")
     check_act_bits(act_bits)
-    if backend_for(x) == "reference" or gemm_block_k(weight.group_size) is None:
+    if path not in PATHS:
+        raise LowbitError(f"wxax_linear path must be one of {', '.join(PATHS)}, got {path!r}")
+    if backend_for(x) == "reference":
         return wxax_linear_reference(x, weight, act_bits, act_symmetric, bias)
+    from lowbit.kernels import w4a4_fp8
     from lowbit.kernels.int8_gemm import wxax_gemm
 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, weight.in_features).contiguous()
     if x2.shape[0] == 0:
         return x.new_empty((*lead, weight.out_features))
-    acts = quantize_activations(x2, act_bits, act_symmetric, weight.group_size)
-    y = wxax_gemm(acts, prepare_wxax(weight), None if bias is None else bias.float().contiguous(), x.dtype)
+    if path == "fp8" and not w4a4_fp8.fp8_applies(x2, weight, act_bits, bias):
+        raise LowbitError("wxax_linear path='fp8' needs a 4-bit per-channel weight whose codes minus zero point fit "
+                          "[-16, 16], act_bits <= 4, K and N multiples of 16, fp16/bf16 x and bias of x's dtype")
+    if path == "fp8" or (path == "auto" and FP8_AUTO and w4a4_fp8.use_fp8(x2, weight, act_bits, bias)):
+        y = w4a4_fp8.wxax_fp8_linear(x2, weight, act_bits, act_symmetric, bias, cache_weight)
+    elif gemm_block_k(weight.group_size) is None:
+        return wxax_linear_reference(x, weight, act_bits, act_symmetric, bias)
+    else:
+        acts = quantize_activations(x2, act_bits, act_symmetric, weight.group_size)
+        y = wxax_gemm(acts, prepare_wxax(weight), None if bias is None else bias.float().contiguous(), x.dtype)
     return y.reshape(*lead, weight.out_features)
 
 
@@ -97,8 +127,10 @@ def quantize_activations_reference(x: torch.Tensor, bits: int, symmetric: bool, 
     return QuantizedActivations(codes, qt.scale.reshape(m).contiguous(), alpha.float().contiguous(), sums)
 
 
-def quantize_activations(x: torch.Tensor, bits: int, symmetric: bool, group_size: int) -> QuantizedActivations:
-    """Per-token quantization of a 2-D x: the Triton kernel or the reference, equal bit for bit."""
+def quantize_activations(x: torch.Tensor, bits: int, symmetric: bool, group_size: int, max_chunk: int = 4096
+                         ) -> QuantizedActivations:
+    """Per-token quantization of a 2-D x: the Triton kernel or the reference, equal bit for bit. ``max_chunk``: see
+    ``launch_quantize_rows`` (tests make it small to run several chunks per row)."""
     if x.dim() != 2 or x.shape[1] % group_size:
         raise LowbitError(f"quantize_activations needs (M, K) with K divisible by {group_size}, got {tuple(x.shape)}")
     check_act_bits(bits)
@@ -110,17 +142,33 @@ def quantize_activations(x: torch.Tensor, bits: int, symmetric: bool, group_size
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     alpha = torch.empty(m, dtype=torch.float32, device=x.device)
     sums = torch.empty((groups, m), dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(k)
     pow2_groups = group_size & (group_size - 1) == 0
-    _quantize_rows_kernel[(m,)](
-        x, codes, scale, alpha, sums, m, k, QMIN=-(2 ** (bits - 1)) if symmetric else 0,
-        QMAX=2 ** (bits - 1) - 1 if symmetric else 2**bits - 1, SHIFT=act_shift(bits, symmetric),
-        SYMMETRIC=symmetric, GROUP=group_size if (groups > 1 and pow2_groups) else 0, BLOCK=block,
-        num_warps=1 if interpreting() else min(16, max(4, block // 1024)),
-    )
+    launch_quantize_rows(x, codes, scale, alpha, sums, bits, symmetric,
+                         group_size if (groups > 1 and pow2_groups) else 0, max_chunk)
     if groups > 1 and not pow2_groups:  # the kernel sums whole rows only; split them here
         sums = codes.to(torch.int32).reshape(m, groups, group_size).sum(-1).T.float().contiguous()
     return QuantizedActivations(codes, scale, alpha, sums)
+
+
+def launch_quantize_rows(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, alpha: torch.Tensor,
+                         sums: torch.Tensor | None, bits: int, symmetric: bool, group: int, max_chunk: int = 4096
+                         ) -> None:
+    """Run ``_quantize_rows_kernel`` on a contiguous (M, K) x: int8 codes (with row sums per ``group``, 0 for whole
+    rows) or, when ``codes`` is float8_e4m3fn, the FP8 form of ``lowbit.kernels.w4a4_fp8`` (no sums).
+
+    One program per row, reading the row in chunks of at most ``max_chunk`` elements (16 per thread at 4096, the
+    default): K is not padded to a power of two (11008 was padded to 16384 before, and 16 warps held one row, which
+    made K = 11008 cost twice its bytes' share), and registers stay light enough for several rows per SM. A group
+    wider than a chunk widens the chunk, so group sums never straddle two chunks."""
+    m, k = x.shape
+    fp8 = codes.dtype == torch.float8_e4m3fn
+    chunk = max(min(triton.next_power_of_2(k), triton.next_power_of_2(max_chunk)), group)
+    _quantize_rows_kernel[(m,)](
+        x.contiguous(), codes, scale, alpha, codes if sums is None else sums, m, k,
+        QMIN=-(2 ** (bits - 1)) if symmetric else 0, QMAX=2 ** (bits - 1) - 1 if symmetric else 2**bits - 1,
+        SHIFT=act_shift(bits, symmetric), SYMMETRIC=symmetric, GROUP=group, FP8=fp8, CHUNK=chunk,
+        num_warps=1 if interpreting() else max(1, min(8, chunk // 512)),
+    )
 
 
 if triton is not None:
@@ -137,34 +185,74 @@ if triton is not None:
         return tl.where(tl.abs(v) < 8388608.0, (v + big) - big, v)
 
     @triton.jit
+    def _quantize_chunk(g, ok, k0, cols, row, M, K, scale, zero, sub, codes_ptr, sums_ptr, QMIN: tl.constexpr,
+                        QMAX: tl.constexpr, GROUP: tl.constexpr, FP8: tl.constexpr, CHUNK: tl.constexpr):
+        """Codes q - sub of the chunk at k0 of a row (stored as FP8 or int8); returns them as int32 (row sums)."""
+        offs = row.to(tl.int64) * K + k0 + cols
+        q = _round_half_even(tl.math.div_rn(g, scale)) + zero
+        q = tl.minimum(tl.maximum(q, QMIN * 1.0), QMAX * 1.0)
+        c = tl.where(ok, q - sub, 0.0)
+        if FP8:
+            tl.store(codes_ptr + offs, c.to(tl.float8e4nv), mask=ok)
+        else:
+            tl.store(codes_ptr + offs, c.to(tl.int8), mask=ok)
+        a = c.to(tl.int32)
+        if GROUP > 0:  # chunks hold whole groups: CHUNK is a multiple of GROUP and starts on a group boundary
+            per_group = tl.reduce(tl.reshape(a, (CHUNK // GROUP, GROUP)), 1, _SUM)
+            gidx = k0 // GROUP + tl.arange(0, CHUNK // GROUP)
+            tl.store(sums_ptr + gidx * M + row, per_group.to(tl.float32), mask=gidx < K // GROUP)
+        return a
+
+    @triton.jit
     def _quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, alpha_ptr, sums_ptr, M, K, QMIN: tl.constexpr,
                               QMAX: tl.constexpr, SHIFT: tl.constexpr, SYMMETRIC: tl.constexpr,
-                              GROUP: tl.constexpr, BLOCK: tl.constexpr):
+                              GROUP: tl.constexpr, FP8: tl.constexpr, CHUNK: tl.constexpr):
+        """One row per program, in CHUNK-wide pieces: pass 1 finds the range (the first chunk stays in registers),
+        pass 2 writes the codes (later chunks are read again, from L1/L2: the row was just read)."""
         row = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        ok = cols < K
-        g = tl.load(x_ptr + row.to(tl.int64) * K + cols, mask=ok, other=0).to(tl.float32)
+        base = row.to(tl.int64) * K
+        cols = tl.arange(0, CHUNK)
+        ok0 = cols < K
+        g0 = tl.load(x_ptr + base + cols, mask=ok0, other=0).to(tl.float32)
         if SYMMETRIC:
-            amax = tl.reduce(tl.where(ok, tl.abs(g), 0.0), 0, _MAX)
+            hi = tl.where(ok0, tl.abs(g0), 0.0)
+        else:
+            hi = tl.where(ok0, g0, float("-inf"))
+        lo = tl.where(ok0, g0, float("inf"))
+        for k0 in range(CHUNK, K, CHUNK):
+            ok = k0 + cols < K
+            g = tl.load(x_ptr + base + k0 + cols, mask=ok, other=0).to(tl.float32)
+            if SYMMETRIC:
+                hi = tl.maximum(hi, tl.where(ok, tl.abs(g), 0.0))
+            else:
+                hi = tl.maximum(hi, tl.where(ok, g, float("-inf")))
+                lo = tl.minimum(lo, tl.where(ok, g, float("inf")))
+        if SYMMETRIC:
+            amax = tl.reduce(hi, 0, _MAX)
             scale = tl.minimum(tl.maximum(tl.math.div_rn(amax, QMAX * 1.0), _SCALE_MIN), _SCALE_MAX)
             zero = scale * 0.0
         else:
-            xmax = tl.reduce(tl.where(ok, g, float("-inf")), 0, _MAX)
-            xmin = tl.reduce(tl.where(ok, g, float("inf")), 0, _MIN)
+            xmax = tl.reduce(hi, 0, _MAX)
+            xmin = tl.reduce(lo, 0, _MIN)
             scale = tl.minimum(tl.maximum(tl.math.div_rn(xmax - xmin, QMAX * 1.0), _SCALE_MIN), _SCALE_MAX)
             zero = _round_half_even(tl.math.div_rn(-xmin, scale))
-        q = _round_half_even(tl.math.div_rn(g, scale)) + zero
-        q = tl.minimum(tl.maximum(q, QMIN * 1.0), QMAX * 1.0)
-        a = tl.where(ok, q - SHIFT, 0.0).to(tl.int32)
-        tl.store(codes_ptr + row.to(tl.int64) * K + cols, a.to(tl.int8), mask=ok)
-        tl.store(scale_ptr + row, scale)
-        tl.store(alpha_ptr + row, SHIFT - zero)
-        if GROUP == 0:
-            tl.store(sums_ptr + row, tl.reduce(a, 0, _SUM).to(tl.float32))
+        if FP8:  # q - zero when every code of the row is an integer in [-16, 16], else q - SHIFT and an offset
+            fits = (QMIN - zero >= -16.0) & (QMAX - zero <= 16.0)
+            sub = tl.where(fits, zero, SHIFT * 1.0)
+            tl.store(alpha_ptr + row, tl.where(fits, 0.0, SHIFT - zero))
         else:
-            per_group = tl.reduce(tl.reshape(a, (BLOCK // GROUP, GROUP)), 1, _SUM)
-            idx = tl.arange(0, BLOCK // GROUP)
-            tl.store(sums_ptr + idx * M + row, per_group.to(tl.float32), mask=idx < K // GROUP)
+            sub = zero * 0.0 + SHIFT
+            tl.store(alpha_ptr + row, SHIFT - zero)
+        tl.store(scale_ptr + row, scale)
+        total = _quantize_chunk(g0, ok0, 0, cols, row, M, K, scale, zero, sub, codes_ptr, sums_ptr, QMIN, QMAX,
+                                GROUP, FP8, CHUNK)
+        for k0 in range(CHUNK, K, CHUNK):
+            ok = k0 + cols < K
+            g = tl.load(x_ptr + base + k0 + cols, mask=ok, other=0).to(tl.float32)
+            total += _quantize_chunk(g, ok, k0, cols, row, M, K, scale, zero, sub, codes_ptr, sums_ptr,
+                                     QMIN, QMAX, GROUP, FP8, CHUNK)
+        if not FP8 and GROUP == 0:
+            tl.store(sums_ptr + row, tl.reduce(total, 0, _SUM).to(tl.float32))
 
 
 # ---------------------------------------------------------------------------------------------- prepared weight
