@@ -20,19 +20,18 @@ from torch.profiler import ProfilerActivity, profile
 from lowbit.bench import pack_rtn, random_llama
 
 
-def kernel_table(model, prompt, warmup: int = 3) -> dict:
-    """GPU kernels by total time, host ops by self CPU time, and the wall time of one synchronised prefill."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(input_ids=prompt, use_cache=False)
+def kernel_table(run, warmup: int = 3) -> dict:
+    """GPU kernels by total time, host ops by self CPU time, and the wall time of one synchronised ``run()``."""
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - begin) * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
         torch.cuda.synchronize()
-        begin = time.perf_counter()
-        model(input_ids=prompt, use_cache=False)
-        torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - begin) * 1e3
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            model(input_ids=prompt, use_cache=False)
-            torch.cuda.synchronize()
     gpu, cpu = [], []
     for e in prof.key_averages():
         us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
@@ -43,6 +42,16 @@ def kernel_table(model, prompt, warmup: int = 3) -> dict:
     gpu.sort(key=lambda r: -r["total_us"])
     cpu.sort(key=lambda r: -r["total_us"])
     return {"wall_ms": wall_ms, "gpu": gpu, "cpu": cpu}
+
+
+def print_tables(tables: dict, what: str, top: int) -> None:
+    for label, table in tables.items():
+        total = sum(r["total_us"] for r in table["gpu"])
+        print(f"\n{label}: {what} takes {table['wall_ms']:.2f} ms wall, {total / 1e3:.2f} ms of kernels")
+        for kind in ("gpu", "cpu"):
+            print(f" top {kind} (ms, calls):")
+            for r in table[kind][:top]:
+                print(f"  {r['total_us'] / 1e3:8.3f} ms  {r['calls']:5d}x  {r['name']}")
 
 
 def main() -> None:
@@ -56,17 +65,11 @@ def main() -> None:
         raise SystemExit("prefill_profile.py needs a CUDA GPU")
     model = random_llama("cuda", torch.float16, 0, num_hidden_layers=args.layers)
     prompt = torch.randint(model.config.vocab_size, (1, args.prompt_len), device="cuda")
-    tables = {"fp16": kernel_table(model, prompt)}
+    prefill = torch.inference_mode()(lambda: model(input_ids=prompt, use_cache=False))
+    tables = {"fp16": kernel_table(prefill)}
     pack_rtn(model, 4, 128)
-    tables["w4a16"] = kernel_table(model, prompt)
-    for label, table in tables.items():
-        total = sum(r["total_us"] for r in table["gpu"])
-        print(f"\n{label}: one prefill ({args.layers} blocks) takes {table['wall_ms']:.2f} ms wall, "
-              f"{total / 1e3:.2f} ms of kernels")
-        for kind in ("gpu", "cpu"):
-            print(f" top {kind} (ms, calls):")
-            for r in table[kind][: args.top]:
-                print(f"  {r['total_us'] / 1e3:8.3f} ms  {r['calls']:5d}x  {r['name']}")
+    tables["w4a16"] = kernel_table(prefill)
+    print_tables(tables, f"one prefill ({args.layers} blocks)", args.top)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"layers": args.layers, "prompt_len": args.prompt_len, "tables": tables}, indent=1))
 

@@ -1,5 +1,6 @@
-"""Fused bit splitting against ``sampling.bit_split``: identical rows, norms and scale from the same noise;
-unbiased; edge cases (zero and denormal-tiny gradients) handled like the reference."""
+"""Fused bit splitting against ``sampling.bit_split``: identical rows, norms, scale and weights from the same
+Philox noise (drawn in the kernel, by PyTorch ops in the reference); unbiased; edge cases (zero and denormal-tiny
+gradients) handled like the reference."""
 
 import importlib
 
@@ -7,9 +8,15 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.philox import draw_seed
+from lowbit.train import sampling
 from lowbit.train.sampling import SPLIT_BASE, bit_split
 
-KERNEL_MODULES = ("lowbit.kernels.quantize", "lowbit.kernels.bitsplit", "lowbit.kernels.int_gemm")
+KERNEL_MODULES = ("lowbit.kernels.philox", "lowbit.kernels.quantize", "lowbit.kernels.bitsplit", "lowbit.kernels.int_gemm")
+
+
+def _seed(device, value=5):
+    return torch.tensor([value * 1_000_003 + 2**40], dtype=torch.int64, device=device)
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +34,19 @@ def _b():
 def test_split_equals_reference_and_training_bit_split(device, monkeypatch, n, c, dtype):
     b = _b()
     g = (torch.randn(n, c, generator=torch.Generator().manual_seed(n)) * 1e-3).to(device=device, dtype=dtype)
-    noise = torch.rand(g.shape, generator=torch.Generator(device=device).manual_seed(5), device=device)
-    want = b.split_rows_reference(g, noise)
+    seed = draw_seed(torch.Generator(device=device).manual_seed(5), device)
+    want = b.split_rows_reference(g, seed)
     for out_dtype in (torch.float32, torch.int8, torch.float8_e4m3fn):
-        got = b.split_rows(g, noise, out_dtype)
+        got = b.split_rows(g, seed, out_dtype)
         assert got.rows.dtype == out_dtype and torch.equal(got.rows.float(), want.rows)
         assert torch.equal(got.sq_norms, want.sq_norms) and torch.equal(got.scale, want.scale)
-    # the training code's unfused bit_split, fed the same generator stream, gives the same split
+        assert torch.equal(got.weight, want.weight)
+    # the training code's unfused bit_split, drawing the kernel's noise from the same generator, gives the same split
     monkeypatch.setenv("LOWBIT_KERNELS", "reference")
+    monkeypatch.setattr(sampling, "uniform_noise", sampling.philox_noise)
     split = bit_split(g.float(), torch.Generator(device=device).manual_seed(5))
-    rows, _ = split.stacked()
-    assert torch.equal(rows, want.rows) and torch.equal(split.scale, want.scale)
+    rows, weight = split.stacked()
+    assert torch.equal(rows, want.rows) and torch.equal(split.scale, want.scale) and torch.equal(weight, want.weight)
     assert torch.equal(want.sq_norms, rows.pow(2).sum(dim=1))  # sums of squares of integers: exact in any order
     assert torch.allclose(want.sq_norms.sqrt(), rows.norm(dim=1), rtol=2**-22, atol=0)
 
@@ -56,21 +65,19 @@ def test_zero_and_tiny_gradients_match_reference(device, amax):
     b = _b()
     g = torch.zeros(4, 32, device=device)
     g[1, 3] = amax
-    noise = torch.rand(g.shape, generator=torch.Generator(device=device).manual_seed(0), device=device)
-    got, want = b.split_rows(g, noise), b.split_rows_reference(g, noise)
+    got, want = b.split_rows(g, _seed(device)), b.split_rows_reference(g, _seed(device))
     assert torch.equal(got.rows, want.rows) and torch.equal(got.scale, want.scale) and float(got.scale) == 1.0
     assert torch.count_nonzero(got.rows) == 0
 
 
 def test_split_is_unbiased(device):
-    """Copies of one gradient split with independent noise average to it (one shared scale: same max)."""
+    """Copies of one gradient split with independent (in-kernel Philox) noise average to it (one shared scale)."""
     b = _b()
     gen = torch.Generator().manual_seed(3)
     g = torch.randn(2, 64, generator=gen).to(device)
     copies = 2000
     tiled = g.repeat(copies, 1)
-    noise = torch.rand(tiled.shape, generator=torch.Generator(device=device).manual_seed(4), device=device)
-    split = b.split_rows(tiled, noise)
+    split = b.split_rows(tiled, _seed(device, 4))
     n = tiled.shape[0]
     deq = (SPLIT_BASE * split.rows[:n] + split.rows[n:]) / split.scale
     mean = deq.reshape(copies, 2, 64).mean(0)
@@ -84,8 +91,23 @@ def test_bad_input_is_refused(device):
     b = _b()
     g = torch.zeros(4, 8, device=device)
     with pytest.raises(LowbitError, match="2-D"):
-        b.split_rows(g[None], g[None])
-    with pytest.raises(LowbitError, match="noise"):
+        b.split_rows(g[None], _seed(device))
+    with pytest.raises(LowbitError, match="seed"):
         b.split_rows(g, g[:2])
     with pytest.raises(LowbitError, match="out_dtype"):
-        b.split_rows(g, g, torch.int32)
+        b.split_rows(g, _seed(device), torch.int32)
+
+
+def test_philox_uniforms_equal_reference(device):
+    """The kernels' in-kernel uniforms equal ``philox.uniform_reference`` bit for bit (offsets past 2^32 and
+    seeds using both key words included), and look uniform: mean 1/2, variance 1/12, on the 2^-24 grid."""
+    from lowbit.kernels.philox import uniform_reference, uniform_triton
+
+    gen = torch.Generator().manual_seed(0)
+    offsets = torch.cat([torch.arange(200), torch.randint(0, 2**45, (56,), generator=gen)])
+    for value in (0, 7, 2**62 - 1):
+        seed = torch.tensor([value], dtype=torch.int64)
+        assert torch.equal(uniform_triton(seed.to(device), offsets.to(device)).cpu(), uniform_reference(seed, offsets))
+    u = uniform_reference(_seed("cpu", 9), torch.arange(65536))
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    assert torch.equal(u * 2**24, (u * 2**24).round()) and float(u.min()) >= 0 and float(u.max()) < 1

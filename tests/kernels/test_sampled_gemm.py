@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-KERNEL_MODULES = ("lowbit.kernels.int_gemm", "lowbit.kernels.sampled_gemm")
+KERNEL_MODULES = ("lowbit.kernels.philox", "lowbit.kernels.int_gemm", "lowbit.kernels.sampled_gemm")
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,9 @@ def device(triton_path):
 
 def _problem(n, c, k, sizes, seed, device):
     """Random int4 rows (2N x C) and qx (N x K), a padded permutation of the rows sorted into groups of the
-    given sizes, and the sampled group's re-quantization inputs, as ``int4_grad_weight`` builds them."""
+    given sizes, and the sampled group's re-quantization inputs, as ``int4_grad_weight`` builds them: the kernel's
+    Philox seed and the noise the reference reads (the same uniforms, ``philox.uniform_like_reference``)."""
+    from lowbit.kernels.philox import uniform_like_reference
     from lowbit.train.backward import requantize_scale
 
     gen = torch.Generator().manual_seed(seed)
@@ -32,8 +34,9 @@ def _problem(n, c, k, sizes, seed, device):
     tok = idx % n
     amax = (f * qx.abs().amax(dim=1).float()[tok]).amax()
     scale, gain = requantize_scale(amax)
-    noise = torch.rand(2 * n, k, generator=gen)
-    moved = (rows, qx, idx, ends, w, f, gain, scale, noise)
+    seed = torch.tensor([seed * 7919 + 2**40], dtype=torch.int64)
+    noise = uniform_like_reference(seed, (2 * n, k))
+    moved = (rows, qx, idx, ends, w, f, gain, scale, seed, noise)
     return tuple(t.to(device) for t in moved)
 
 
@@ -48,13 +51,15 @@ def test_grad_weight_gemm_equals_reference(device, n, c, k, sizes):
     from lowbit.kernels.sampled_gemm import grad_weight_gemm
     from lowbit.train.backward import _grad_weight_reference
 
-    rows, qx, idx, ends, w, f, gain, scale, noise = _problem(n, c, k, sizes, n + c + k, device)
+    rows, qx, idx, ends, w, f, gain, scale, seed, noise = _problem(n, c, k, sizes, n + c + k, device)
     token = torch.arange(2 * n, device=device) % n
     for sampled in (True, False) if not sizes[2] else (True,):  # without sampling there is no sampled group
-        extra = (f, gain, scale, noise) if sampled else (None,) * 4
-        got = grad_weight_gemm(rows, qx, idx, ends, w, *extra)
-        want = _grad_weight_reference(rows.float(), qx.float(), token, idx, ends, w, *extra, 4)
-        assert torch.equal(got.cpu(), want.cpu())
+        extra = (f, gain, scale) if sampled else (None,) * 3
+        want = _grad_weight_reference(rows.float(), qx.float(), token, idx, ends, w, *extra,
+                                      noise if sampled else None, 4)
+        for x in (qx, qx.float().to(torch.float8_e4m3fn)):  # int8, or the forward's float8 operand
+            got = grad_weight_gemm(rows, x, idx, ends, w, *extra, seed if sampled else None)
+            assert torch.equal(got.cpu(), want.cpu())
         assert (got.abs().sum() > 0) == (sum(sizes) > 0)
 
 
@@ -76,6 +81,9 @@ def test_transpose_int8(device, shape):
     x = torch.randint(-128, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(1)).to(device)
     assert torch.equal(sg.transpose_int8(x).cpu(), x.T.contiguous().cpu())
     assert torch.equal(sg.transpose_int8(x[:, : shape[1] // 2 + 1]).cpu(), x[:, : shape[1] // 2 + 1].T.cpu())
+    small = (x % 16 - 8).to(torch.int8)  # INT4 values held in the forward's float8: converted on the way
+    got = sg.transpose_int8(small.float().to(torch.float8_e4m3fn))
+    assert got.dtype == torch.int8 and torch.equal(got.cpu(), small.T.contiguous().cpu())
 
 
 def test_packed_width_bounds_every_sample():

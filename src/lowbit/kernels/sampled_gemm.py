@@ -6,14 +6,12 @@ rows, saturated lo rows, sampled rows; ``ends`` holds the device-side group ends
     out = (hi^T qx[tok]) * w_hi + (lo^T qx[tok]) * w_lo + (smp^T q3) / scale
 
 where ``hi``/``lo``/``smp`` are the groups' rows of ``rows`` (2N x C, int8) and ``tok = index mod N``. The sampled
-rows' right operand is ``q3 = clamp(floor(clamp(qx f gain, -7, 7) + u), -7, 7)`` (``u`` the caller's noise row of
-the kept row).
+rows' right operand is ``q3 = clamp(floor(clamp(qx f gain, -7, 7) + u), -7, 7)`` (``u`` the kept row's Philox
+uniforms, drawn in the pack kernel: ``lowbit.kernels.philox``; no 2N x K noise tensor).
 
-Why two steps. The reduction runs over rows, and both ``rows`` and ``qx`` are stored row-major, i.e. with the
-reduction as their *outer* dimension. Hopper's INT8 ``wgmma`` takes only K-major operands, so a GEMM reading them
-in place (gathering along K) cannot feed shared memory with async copies: Triton then loads every tile
-synchronously into registers, transposes it into shared memory and waits for each MMA (an unpipelined loop, about
-10x below one GEMM, and as slow with sampling as without). So ``_pack_kernel`` first writes the kept rows,
+Why two steps. The reduction runs over rows, the *outer* dimension of the row-major ``rows`` and ``qx``; Hopper's
+INT8 ``wgmma`` takes only K-major operands, and a GEMM gathering along K in place ran unpipelined (synchronous
+loads, a wait per MMA: ~10x below one GEMM). So ``_pack_kernel`` first writes the kept rows,
 transposed, into compact K-major buffers (``C x width`` and ``K x width`` int8; the sampled rows re-quantized once
 here, not once per output tile), each group starting at a multiple of the GEMM's ``BK`` and zero-padded to one,
 and ``_grad_weight_kernel`` runs a plain pipelined K-major INT8 GEMM whose three loops end at the groups' padded
@@ -36,6 +34,7 @@ import torch
 from lowbit.errors import LowbitError
 
 SAT_EPS = 1e-6  # kept rows with p >= 1 - SAT_EPS count as saturated (kept with certainty)
+ONE_BYTE = (torch.int8, torch.float8_e4m3fn)  # integer operands the kernels read (float8: the forward's FP8 GEMM's)
 
 try:
     import triton
@@ -45,6 +44,7 @@ except ImportError:
 
 if triton is not None:
     from lowbit.kernels.int_gemm import grouped_tile
+    from lowbit.kernels.philox import uniform
 
     # combine functions rather than tl.sum/max/min/cumsum: see lowbit.kernels.bitsplit
     _SUM, _MAX, _MIN = tl.standard._sum_combine, tl.standard._elementwise_max, tl.standard._elementwise_min
@@ -65,12 +65,13 @@ if triton is not None:
         return e0, e1, e2, s1, s2, s3
 
     @triton.jit
-    def _pack_kernel(src_ptr, index_ptr, ends_ptr, f_ptr, gain_ptr, noise_ptr, out_ptr, W, N, stride_s, stride_u,
-                     stride_o, BP: tl.constexpr, BW: tl.constexpr, PAD: tl.constexpr, TOKENS: tl.constexpr,
+    def _pack_kernel(src_ptr, index_ptr, ends_ptr, f_ptr, gain_ptr, seed_ptr, out_ptr, W, N, stride_s, stride_o,
+                     BP: tl.constexpr, BW: tl.constexpr, PAD: tl.constexpr, TOKENS: tl.constexpr,
                      SAMPLED: tl.constexpr, REQUANT: tl.constexpr):
         """``out[w, p] = src[row(p), w]``: buffer column ``p`` holds the kept row of its group's sorted position
-        (``row = index[j]``, or token ``index[j] mod N`` if TOKENS), or zeros in a group's padding. REQUANT:
-        the sampled group's rows are re-quantized with their ``f``, ``gain`` and noise row ``index[j]``."""
+        (``row = index[j]``, or token ``index[j] mod N`` if TOKENS), or zeros in a group's padding; a float8 ``src``
+        (the forward's operand) is converted here. REQUANT: the sampled group's rows are re-quantized with their
+        ``f``, ``gain`` and the uniforms ``uniform(seed, index[j] * W + w)``."""
         e0, e1, e2, s1, s2, s3 = _group_bounds(ends_ptr, PAD, SAMPLED)
         p0 = tl.program_id(0) * BP
         if p0 < s3:  # columns past the last group are never read: no work
@@ -82,12 +83,13 @@ if triton is not None:
             row = tl.load(index_ptr + j, mask=ok, other=0).to(tl.int64)
             srow = row % N if TOKENS else row
             wok = w < W
-            v = tl.load(src_ptr + srow[:, None] * stride_s + w[None, :], mask=ok[:, None] & wok[None, :], other=0)
+            v = tl.load(src_ptr + srow[:, None] * stride_s + w[None, :], mask=ok[:, None] & wok[None, :], other=0.0)
+            if src_ptr.dtype.element_ty != tl.int8:
+                v = v.to(tl.float32).to(tl.int8)
             if REQUANT:
                 smp = ok & (g == 2)
                 f = tl.load(f_ptr + j, mask=smp, other=0.0)
-                u = tl.load(noise_ptr + row[:, None] * stride_u + w[None, :], mask=smp[:, None] & wok[None, :],
-                            other=0.0)
+                u = uniform(tl.load(seed_ptr), row[:, None] * W + w[None, :])
                 t = (v.to(tl.float32) * f[:, None]) * tl.load(gain_ptr)
                 t = tl.minimum(tl.maximum(t, -7.0), 7.0)
                 q = tl.minimum(tl.maximum(tl.floor(t + u), -7.0), 7.0)
@@ -135,6 +137,8 @@ if triton is not None:
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         mask = (r[:, None] < R) & (c[None, :] < C)
         v = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_x + c[None, :], mask=mask)
+        if x_ptr.dtype.element_ty != tl.int8:  # the forward's float8 operand: converted on the way
+            v = v.to(tl.float32).to(tl.int8)
         tl.store(out_ptr + c[None, :].to(tl.int64) * stride_o + r[:, None], v, mask=mask)
 
     @triton.jit
@@ -152,7 +156,7 @@ if triton is not None:
             mx = tl.full((BT,), 0.0, tl.float32)
             for k0 in range(0, K, BK):
                 m = ok[:, None] & ((k0 + ks) < K)[None, :]
-                v = tl.load(x_ptr + t[:, None].to(tl.int64) * stride_x + (k0 + ks)[None, :], mask=m, other=0)
+                v = tl.load(x_ptr + t[:, None].to(tl.int64) * stride_x + (k0 + ks)[None, :], mask=m, other=0.0)
                 v = v.to(tl.float32)
                 ss += tl.reduce(v * v, 1, _SUM)
                 mx = tl.maximum(mx, tl.reduce(tl.abs(v), 1, _MAX))
@@ -201,7 +205,7 @@ if triton is not None:
             for j0 in range(0, R, BLOCK):  # ascending position j is descending position k = R - 1 - j
                 j = j0 + offs
                 ok = j < R
-                sv = tl.load(asc_ptr + j, mask=ok, other=0.0)
+                sv = tl.load(asc_ptr + j, mask=ok, other=0.0).to(tl.float64)  # float32 scores: exact
                 k = R - 1 - j
                 ck = (target - k.to(tl.float64)) / tl.maximum(tl.load(csum_ptr + j, mask=ok, other=0.0), tiny)
                 pos = ok & (sv > 0)  # k < n_pos: the scores are >= 0 and sorted
@@ -258,11 +262,12 @@ if triton is not None:
 
 
 def transpose_int8(x: torch.Tensor) -> torch.Tensor:
-    """``x.T.contiguous()`` for a row-major int8 matrix in one tiled pass: grad-input's K-major weight operand.
+    """``x.T.contiguous()`` as int8 for a row-major int8 or float8 (integer-valued) matrix in one tiled pass:
+    grad-input's K-major weight operand.
     (PyTorch's strided byte copy took 0.12 ms for 4096 x 4096 on an H100, a quarter of the GEMM it feeds; this
     moves the same 32 MB at memory speed.)"""
-    if triton is None or x.dim() != 2 or x.dtype != torch.int8 or x.stride(1) != 1:
-        return x.T.contiguous()
+    if triton is None or x.dim() != 2 or x.dtype not in ONE_BYTE or x.stride(1) != 1:
+        return x.T.contiguous().to(torch.int8)
     r, c = x.shape
     out = torch.empty(c, r, device=x.device, dtype=torch.int8)
     if x.numel():
@@ -331,9 +336,9 @@ def sample_plan(scores: torch.Tensor, weight: torch.Tensor, u: torch.Tensor | No
         return SamplePlan(index, val, ends.zero_(), None if rq is None else rq.zero_())
     sample = ratio < 1
     asc = csum = scores
-    if sample:
-        asc = torch.sort(scores).values
-        csum = torch.cumsum(asc, 0)  # = waterfill's flipped cumsum of the descending sort, bit for bit
+    if sample:  # the float64 scores hold float32 values: a 32-bit key sort (half the radix passes) is exact
+        asc = torch.sort(scores.float()).values
+        csum = torch.cumsum(asc, 0, dtype=torch.float64)  # = waterfill's flipped cumsum of its descending sort
     bits = struct.unpack("<q", struct.pack("<d", float(ratio) * r))[0]  # the float64 target, bit-exact
     gpu = scores.is_cuda
     _plan_kernel[(1,)](scores, asc, csum, u if sample else scores, weight,
@@ -345,9 +350,8 @@ def sample_plan(scores: torch.Tensor, weight: torch.Tensor, u: torch.Tensor | No
 
 
 def _configs(gpu: bool) -> dict:
-    """Tile sizes: H100 INT8 GEMM tiles, small ones under the CPU interpreter. 128 x 128 x 128, 8 warps, 4 stages
-    ran 0.36 ms for 8192 kept rows (H100; 3 stages 0.40). Tiles of 256 x 128 or 4 warps ran ~0.31 ms without the
-    sampled group, but with it they spill (the float partial sum stays live across the three loops)."""
+    """Tile sizes: H100 INT8 GEMM tiles (128 x 128 x 128, 8 warps, 4 stages: 0.36 ms for 8192 kept rows; 256 x 128
+    or 4 warps spill with the sampled group), small ones under the CPU interpreter."""
     if gpu:
         return dict(bm=128, bn=128, bk=128, bp=128, bw=64, gemm=dict(num_warps=8, num_stages=4),
                     pack=dict(num_warps=4))
@@ -356,15 +360,16 @@ def _configs(gpu: bool) -> dict:
 
 def grad_weight_gemm(rows: torch.Tensor, qx: torch.Tensor, index: torch.Tensor, ends: torch.Tensor,
                      w: torch.Tensor, f: torch.Tensor | None = None, gain: torch.Tensor | None = None,
-                     scale: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: torch.Tensor | None = None, seed: torch.Tensor | None = None) -> torch.Tensor:
     """C x K float32 grad-weight from ``rows`` (2N x C int8), ``qx`` (N x K int8) and the sorted kept ``index``.
 
-    ``ends``: the three group ends (device int tensor); ``w``: the hi and lo row weights (2 elements); ``f``
-    (per sorted position), ``gain``, ``scale`` and ``noise`` (2N x K float32, indexed by row) describe the
-    sampled group's re-quantization; ``noise=None`` means no sampled group (sampling off)."""
+    ``qx`` may be the forward's float8 operand (converted while packed). ``ends``: the three group ends (device
+    int tensor); ``w``: the hi and lo row weights (2 elements); ``f`` (per sorted position), ``gain``, ``scale``
+    and ``seed`` (one int64: row ``r``'s uniforms are ``philox.uniform(seed, r * K + k)``) describe the sampled
+    group's re-quantization; ``seed=None`` means no sampled group (sampling off)."""
     if triton is None:
         raise LowbitError("grad_weight_gemm needs triton")
-    if rows.dtype != torch.int8 or qx.dtype != torch.int8 or rows.shape[0] != 2 * qx.shape[0]:
+    if rows.dtype != torch.int8 or qx.dtype not in ONE_BYTE or rows.shape[0] != 2 * qx.shape[0]:
         raise LowbitError(f"grad_weight_gemm needs int8 rows (2N x C) and qx (N x K), got {rows.dtype} "
                           f"{tuple(rows.shape)} and {qx.dtype} {tuple(qx.shape)}")
     rows = rows if rows.stride(1) == 1 else rows.contiguous()
@@ -376,7 +381,7 @@ def grad_weight_gemm(rows: torch.Tensor, qx: torch.Tensor, index: torch.Tensor, 
         return out
     if index.numel() == 0:  # nothing kept (compact sample): the reference's sum of no products
         return out.zero_()
-    sampled = noise is not None
+    sampled = seed is not None
     cfg = _configs(rows.is_cuda)
     width = packed_width(index.shape[0], cfg["bk"])
     w = w.float().contiguous()
@@ -386,8 +391,8 @@ def grad_weight_gemm(rows: torch.Tensor, qx: torch.Tensor, index: torch.Tensor, 
         buf = torch.empty(cols, width, device=rows.device, dtype=torch.int8)
         requant = sampled and tokens
         _pack_kernel[(triton.cdiv(width, cfg["bp"]), triton.cdiv(cols, cfg["bw"]))](
-            src, index, ends, f if requant else dummy, gain if requant else dummy, noise if requant else dummy, buf,
-            cols, n, src.stride(0), noise.stride(0) if requant else 0, buf.stride(0), BP=cfg["bp"], BW=cfg["bw"],
+            src, index, ends, f if requant else dummy, gain if requant else dummy, seed if requant else ends, buf,
+            cols, n, src.stride(0), buf.stride(0), BP=cfg["bp"], BW=cfg["bw"],
             PAD=cfg["bk"], TOKENS=tokens, SAMPLED=sampled, REQUANT=requant,
             **cfg["pack"], **({"enable_fp_fusion": False} if rows.is_cuda else {}))
         packed.append(buf)

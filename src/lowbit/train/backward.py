@@ -18,7 +18,8 @@ kept rows by ``1/p_i``.
   scale (water-filling bounds ``||x~_i|| <= 1/(c ||row_i||)``, so the range stays tame). Scores:
   ``w_i ||row_i|| ||qx_i||``. Unbiased: the stochastic rounding is unbiased given the sample, the sample is
   unbiased given the split, the split is unbiased for ``G``. The price is extra variance on sampled rows only.
-  The rounding noise is one 2N x K draw indexed by row (a shape the sample does not decide: no host sync).
+  The rounding noise is one 2N x K draw indexed by row (a shape the sample does not decide: no host sync); the
+  kernel path draws it in-kernel (Philox, ``lowbit.kernels.philox``), never materialised.
 
 On the Triton backend nothing here waits for the host: grad-input's gathered GEMM scatters its rows into the
 output, grad-weight is one GEMM gathering the kept rows along its reduction (``lowbit.kernels.sampled_gemm``).
@@ -37,7 +38,8 @@ from lowbit.errors import LowbitError
 from lowbit.kernels.int_gemm import product_bound
 from lowbit.kernels.sampled_gemm import SAT_EPS, SamplePlan
 from lowbit.train.dispatch import FP32_EXACT, int_matmul
-from lowbit.train.sampling import SPLIT_BASE, RowSample, bit_split, keep_rows, sample_rows, stochastic_quantize
+from lowbit.train import sampling
+from lowbit.train.sampling import RowSample, bit_split, keep_rows, sample_rows, stochastic_quantize
 
 SAMPLING_ENV = "LOWBIT_SAMPLING"
 
@@ -48,20 +50,16 @@ def split_rows(g: torch.Tensor, generator: torch.Generator | None) -> tuple[torc
 
 
 def split_rows_with_norms(g: torch.Tensor, generator: torch.Generator | None):
-    """``split_rows`` plus the rows' squared norms: on the Triton backend one fused pass writing int8 rows (the
-    GEMM operand) and the norms; otherwise the reference split (norms None: computed where needed)."""
-    from lowbit.kernels.dispatch import backend_for
-
-    if g.dim() == 2 and backend_for(g) == "triton":
+    """``split_rows`` plus the rows' squared norms: on the Triton backend one fused pass over ``g`` in its own
+    dtype (bf16 under autocast: no float32 copy), drawing its noise in-kernel from one seed, writing int8 rows (the
+    GEMM operand), the norms and the weights; otherwise the reference split (norms None: computed where needed)."""
+    if g.dim() == 2 and _kernel_backend(g):
         from lowbit.kernels.bitsplit import split_rows as fused_split
+        from lowbit.kernels.philox import draw_seed
 
-        noise = torch.rand(g.shape, generator=generator, device=g.device, dtype=torch.float32)
-        fused = fused_split(g, noise, torch.int8)
-        n = g.shape[0]
-        weight = torch.cat([torch.full((n,), float(SPLIT_BASE), device=g.device),
-                            torch.ones(n, device=g.device)]) / fused.scale
-        return fused.rows, weight, fused.sq_norms
-    rows, weight = split_rows(g, generator)
+        fused = fused_split(g, draw_seed(generator, g.device), torch.int8)
+        return fused.rows, fused.weight, fused.sq_norms
+    rows, weight = split_rows(g.float(), generator)
     return rows, weight, None
 
 
@@ -73,6 +71,19 @@ def _kernel_backend(x: torch.Tensor) -> bool:
 
 def _int8(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.int8 else x.to(torch.int8)
+
+
+def _unfloat8(x: torch.Tensor) -> torch.Tensor:
+    """The reference paths take the forward's float8 operand as int8 (few float8 ops exist)."""
+    return x.to(torch.int8) if x.dtype == torch.float8_e4m3fn else x
+
+
+def _one_byte(x: torch.Tensor) -> torch.Tensor:
+    """The kernel paths' integer operand: int8, or the forward's float8 as it is (the kernels that read it convert
+    it in registers: no N x K conversion pass)."""
+    from lowbit.kernels.sampled_gemm import ONE_BYTE
+
+    return x if x.dtype in ONE_BYTE else x.to(torch.int8)
 
 
 def int4_grad_input(
@@ -92,9 +103,10 @@ def int4_grad_input(
         from lowbit.kernels.sampled_gemm import transpose_int8
 
         plan = _plan(rows, weight, sq_norms, None, ratio, generator)
-        qw_t = transpose_int8(_int8(qw))  # one tiled pass; torch's strided byte copy is slow
+        qw_t = transpose_int8(_one_byte(qw))  # one tiled pass (float8 -> int8 on the way); torch's is slow
         return int8_matmul(_int8(rows), qw_t, index=plan.index, count=plan.ends[2:], row_scale=plan.val,
                            scatter_into=out)
+    qw = _unfloat8(qw)
     sample = sample_rows(weight * _row_norms(rows, sq_norms), ratio, generator)
     if sample.count is not None:  # padded sample (CUDA reference backend): the same gathered, scattered product
         from lowbit.kernels.int_gemm import int8_matmul_reference
@@ -147,7 +159,7 @@ def row_scores_reference(sq_norms: torch.Tensor, weight: torch.Tensor, qx: torch
     if qx is not None:
         n = qx.shape[0]
         scores = scores * _row_norms(qx)[torch.arange(2 * n, device=qx.device) % n]
-    rowmax = None if qx is None else qx.abs().amax(dim=1).float()
+    rowmax = None if qx is None else qx.float().abs().amax(dim=1)
     return scores.double().clamp_min(0), rowmax
 
 
@@ -209,18 +221,22 @@ def int4_grad_weight(
 
     The kept rows are sorted (on the device) into saturated hi rows, saturated lo rows and sampled rows; the
     sampled rows' re-quantization draws one 2N x K noise tensor (indexed by row, so the order of the kept rows
-    does not matter) whenever sampling is on. On the Triton backend one GEMM gathers the kept rows along its
-    reduction (``lowbit.kernels.sampled_gemm``), with no host sync; the reference runs three products."""
+    does not matter) whenever sampling is on; the kernel path draws it in its pack kernel from one seed instead.
+    On the Triton backend one GEMM gathers the kept rows along its reduction (``lowbit.kernels.sampled_gemm``),
+    with no host sync; the reference runs three products."""
     n, k = qx.shape
     if _kernel_backend(rows) and product_bound(2 * n, 4, max(bits_x, 4)) < FP32_EXACT:
         from lowbit.kernels.sampled_gemm import grad_weight_gemm
 
-        plan = _plan(rows, weight, sq_norms, _int8(qx), ratio, generator)  # draws u, then the noise below
+        from lowbit.kernels.philox import draw_seed
+
+        qx = _one_byte(qx)
+        plan = _plan(rows, weight, sq_norms, qx, ratio, generator)  # draws u, then the noise's seed below
         extra = (None,) * 4
         if ratio < 1:
-            noise = torch.rand(2 * n, k, generator=generator, device=rows.device)
-            extra = (plan.val, plan.rq[1], plan.rq[0], noise)
-        return grad_weight_gemm(_int8(rows), _int8(qx), plan.index, plan.ends, plan.rq[2:], *extra)
+            extra = (plan.val, plan.rq[1], plan.rq[0], draw_seed(generator, rows.device))
+        return grad_weight_gemm(_int8(rows), qx, plan.index, plan.ends, plan.rq[2:], *extra)
+    qx = _unfloat8(qx)
     token = torch.arange(2 * n, device=rows.device) % n
     sample = sample_rows(weight * _row_norms(rows, sq_norms) * _row_norms(qx)[token], ratio, generator)
     idx, p, group, ends = _group_rows(sample, n)
@@ -228,9 +244,9 @@ def int4_grad_weight(
     noise = f = gain = scale = None
     if ratio < 1:
         f = torch.where(group == 2, weight[idx] / p, torch.zeros_like(p))
-        amax = (f * qx.abs().amax(dim=1).float()[token[idx]]).amax() if idx.numel() else f.new_zeros(())
+        amax = (f * qx.float().abs().amax(dim=1)[token[idx]]).amax() if idx.numel() else f.new_zeros(())
         scale, gain = requantize_scale(amax)  # max |qx f| over the sampled rows = max_i (max_k |qx_ik|) f_i
-        noise = torch.rand(2 * n, k, generator=generator, device=rows.device)
+        noise = sampling.uniform_noise((2 * n, k), generator, rows.device)
     return _grad_weight_reference(rows, qx, token, idx, ends, w, f, gain, scale, noise, bits_x)
 
 

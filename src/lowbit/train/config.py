@@ -1,7 +1,9 @@
 """``TrainQuantConfig``: what a converted linear layer does in its three matmuls, validated once.
 
 Defaults are the paper's HQ+LSS recipe (Xi et al., NeurIPS'23): Hadamard block 32, per-tensor LSQ steps,
-INT4 forward, bit-split INT4 output gradient with leverage-score sampling keeping half of the 2N rows.
+INT4 forward, bit-split INT4 output gradient with leverage-score sampling keeping half of the 2N rows. One
+departure: the LSQ steps start at the least-rounding-error point of the first batch, not at LSQ's rule
+(``step_init``; the ``hq-lss4-lsqinit`` preset keeps the paper's).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ Backward = Literal["int4", "int8", "float"]
 BACKWARDS = ("int4", "int8", "float")
 ActGranularity = Literal["tensor", "token"]
 WeightGranularity = Literal["tensor", "channel"]
+StepInit = Literal["mse", "lsq"]
 AUTO_BLOCKS = (8, 16, 32, 64, 128, 256)
 DEFAULT_KEEP = ("lm_head", "classifier", "score", "pooler", "qa_outputs")
 
@@ -41,6 +44,8 @@ class TrainQuantConfig:
     - ``keep``: module names kept in high precision; an entry matches a module's last name component or, if it
       contains a dot, its full name.
     - ``random_signs``: multiply by a seeded random +-1 diagonal before the Hadamard (a randomised rotation).
+    - ``step_init``: how the LSQ steps start on the first batch: ``mse`` (least rounding error, searched; the
+      default) or ``lsq`` (``2 mean|v| / sqrt(qmax)`` up to 4 bits, absmax above, as the papers).
     - ``seed``: every random choice of a layer (signs, rounding, sampling) derives from it and the layer's index.
     - ``sync_init``: average the first-batch statistics (activation step init, auto block errors) over a
       ``torch.distributed`` group when one is initialised, so DDP ranks start from identical parameters.
@@ -57,6 +62,7 @@ class TrainQuantConfig:
     sampling_ratio: float = 0.5
     keep: tuple[str, ...] = field(default=DEFAULT_KEEP)
     random_signs: bool = False
+    step_init: StepInit = "mse"
     seed: int = 0
     sync_init: bool = True
 
@@ -71,6 +77,8 @@ class TrainQuantConfig:
             raise LowbitError(f"act_granularity must be 'tensor' or 'token', got {self.act_granularity!r}")
         if self.weight_granularity not in ("tensor", "channel"):
             raise LowbitError(f"weight_granularity must be 'tensor' or 'channel', got {self.weight_granularity!r}")
+        if self.step_init not in ("mse", "lsq"):
+            raise LowbitError(f"step_init must be 'mse' or 'lsq', got {self.step_init!r}")
         if self.backward not in BACKWARDS:
             raise LowbitError(f"backward must be one of {', '.join(BACKWARDS)}, got {self.backward!r}")
         ratio = self.sampling_ratio
@@ -103,9 +111,11 @@ def preset(name: str, seed: int = 0) -> TrainQuantConfig | None:
         return TrainQuantConfig(bits=4, hadamard=False, backward="float", seed=seed)
     if name == "hq-lss4":
         return TrainQuantConfig(seed=seed)
+    if name == "hq-lss4-lsqinit":  # HQ+LSS with the LSQ paper's step initialisation (the earlier default)
+        return TrainQuantConfig(step_init="lsq", seed=seed)
     if name == "hq-lss4-token":  # HQ+LSS with finer scales: dynamic per-token activations, LSQ step per weight row
         return TrainQuantConfig(act_granularity="token", weight_granularity="channel", seed=seed)
     raise LowbitError(f"unknown quantized-training preset {name!r}; use {', '.join(PRESETS)}")
 
 
-PRESETS = ("none", "int8", "lsq4", "hq-lss4", "hq-lss4-token")
+PRESETS = ("none", "int8", "lsq4", "hq-lss4", "hq-lss4-lsqinit", "hq-lss4-token")

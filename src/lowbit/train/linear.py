@@ -26,7 +26,7 @@ from lowbit.train import backward as bwd
 from lowbit.train.config import TrainQuantConfig
 from lowbit.kernels.int_gemm import operand_dtype
 from lowbit.train.dispatch import int_matmul, int_matmul_scaled
-from lowbit.train.hq import Quantized, Rotation, forward_error, lsq_backward, lsq_init, rotate_quantize
+from lowbit.train.hq import Quantized, Rotation, forward_error, initial_step, lsq_backward, rotate_quantize
 
 
 def layer_seed(seed: int, index: int) -> int:
@@ -103,42 +103,46 @@ class _QuantLinearFn(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0] or need_sx  # the step's gradient needs the input-side estimate
         need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[4]
         with torch.autocast(device_type=grad_y.device.type, enabled=False):
-            g = grad_y.float()
-            gxh, gwh = _grads_hadamard_domain(g, qx, qw, cfg, state.generator(g.device), need_x, need_w)
+            # grad_y as it comes (bf16 under autocast): the fused bit split reads it without a float32 copy
+            gxh, gwh = _grads_hadamard_domain(grad_y, qx, qw, cfg, state.generator(grad_y.device), need_x, need_w)
             grad_x = grad_sx = grad_w = grad_sw = None
             if gxh is not None:
-                grad_x, grad_sx = _lsq_inverse(gxh, qx, rot, cfg, state.act_numel)
+                grad_x, grad_sx = _lsq_inverse(gxh, qx, rot, cfg, state.act_numel, x_dtype)
                 grad_x = grad_x.to(x_dtype)
             if gwh is not None:
-                grad_w, grad_sw = _lsq_inverse(gwh, qw, rot, cfg)
+                grad_w, grad_sw = _lsq_inverse(gwh, qw, rot, cfg, out_dtype=w_dtype)
                 grad_w = grad_w.to(w_dtype)
                 grad_sw = grad_sw.reshape(ctx.step_shapes[1])
-            grad_b = g.sum(0) if has_bias and ctx.needs_input_grad[2] else None
+            grad_b = grad_y.float().sum(0) if has_bias and ctx.needs_input_grad[2] else None
         grad_sx = grad_sx.reshape(ctx.step_shapes[0]) if grad_sx is not None and need_sx else None
         return grad_x, grad_w, grad_b, grad_sx, grad_sw, None
 
 
-def _lsq_inverse(grad: torch.Tensor, op: Quantized, rot: Rotation, cfg: TrainQuantConfig, numel: float | None = None):
-    """``lsq_backward`` then ``rot.inverse`` on the input gradient: one fused pass on the Triton backend (equal bit
-    for bit: ``lowbit.kernels.lsq_inverse``), else the two reference steps."""
+def _lsq_inverse(grad: torch.Tensor, op: Quantized, rot: Rotation, cfg: TrainQuantConfig, numel: float | None = None,
+                 out_dtype: torch.dtype = torch.float32):
+    """``lsq_backward`` then ``rot.inverse`` on the input gradient: one fused pass on the Triton backend writing
+    ``out_dtype`` (``lowbit.kernels.lsq_inverse``), else the two reference steps (float32)."""
     if op.v is not None and rot.fused(grad) and op.v.dtype == torch.float32 and op.v.shape == grad.shape:
-        from lowbit.kernels.lsq_inverse import lsq_backward_inverse
+        from lowbit.kernels.lsq_inverse import OUT_DTYPES, lsq_backward_inverse
 
-        return lsq_backward_inverse(grad, op.v, op.step, rot.block, rot.signs, rot.pad, cfg.qmin, cfg.qmax, numel)
+        return lsq_backward_inverse(grad, op.v, op.step, rot.block, rot.signs, rot.pad, cfg.qmin, cfg.qmax, numel,
+                                    out_dtype if out_dtype in OUT_DTYPES else torch.float32)
     g, grad_step = lsq_backward(grad, op, cfg.qmin, cfg.qmax, numel)
     return rot.inverse(g), grad_step
 
 
 def _int_operand(q: torch.Tensor) -> torch.Tensor:
-    """The saved forward operand for the backward's GEMMs: float32 on the reference path, int8 on kernel paths
-    (float8 has few gather/transpose kernels; the INT4 values are exact in int8)."""
-    return q if q.dtype in (torch.float32, torch.int8) else q.to(torch.int8)
+    """The saved forward operand for the backward's GEMMs: float32 on the reference path, int8 or the forward's
+    float8 on kernel paths (the backward's kernels read float8 and convert in registers)."""
+    return q if q.dtype in (torch.float32, torch.int8, torch.float8_e4m3fn) else q.to(torch.int8)
 
 
 def _grads_hadamard_domain(g, qx: Quantized, qw: Quantized, cfg: TrainQuantConfig, gen, need_x: bool, need_w: bool):
     """Estimates of ``G (sw qw)`` and ``G^T (sx qx)`` (Hadamard domain) with the configured backward."""
     sx, sw = qx.step, qw.step  # sx: 0-dim or (N, 1); sw: 0-dim or (C, 1)
     shared = sx.dim() == 0 and sw.dim() == 0
+    if not (shared and cfg.backward == "int4"):  # only the int4 backward's shared split reads g in its own dtype
+        g = g.float()
     if cfg.backward == "float":
         gx = g @ (qw.q.float() * sw) if need_x else None
         gw = g.T @ (qx.q.float() * sx) if need_w else None
@@ -199,7 +203,7 @@ class QuantTrainLinear(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
-        """First-batch statistics: the auto block (least forward error) and LSQ steps ``2 mean|v| / sqrt(qmax)``."""
+        """First-batch statistics: the auto block (least forward error) and the LSQ steps (``config.step_init``)."""
         cfg = self.config
         x = x.detach().reshape(-1, self.in_features).float()
         sample = x[:: max(1, x.shape[0] // 512)]
@@ -213,9 +217,10 @@ class QuantTrainLinear(nn.Module):
             self._block = int(self.block)
         rot = self._rotation()
         wh = rot.apply(self.weight.float())
-        self.weight_step.copy_(lsq_init(wh, cfg.qmax, dim=-1 if cfg.weight_granularity == "channel" else None))
+        dim = -1 if cfg.weight_granularity == "channel" else None
+        self.weight_step.copy_(initial_step(wh, cfg.qmin, cfg.qmax, cfg.step_init, dim))
         if self.act_step is not None:
-            self.act_step.copy_(_sync_mean(lsq_init(rot.apply(x), cfg.qmax), cfg.sync_init))
+            self.act_step.copy_(_sync_mean(initial_step(rot.apply(x), cfg.qmin, cfg.qmax, cfg.step_init), cfg.sync_init))
         self.act_numel.fill_(float(x.numel()))
         self._state.act_numel = float(x.numel())
         self.initialized.fill_(True)

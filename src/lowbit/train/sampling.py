@@ -25,10 +25,24 @@ SPLIT_BASE = 14  # weight of the high part
 SPLIT_RANGE = 98  # = 14 * 7: g * s spans [-98, 98]
 
 
+def uniform_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """The reference paths' rounding noise: ``torch.rand`` (fast on the CPU). The kernel paths draw the same
+    distribution (float32 on the ``k / 2^24`` grid) in-kernel from a seed instead (``lowbit.kernels.philox``);
+    tests make both paths draw identically by swapping this for ``philox_noise``."""
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+def philox_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """What the kernels draw for a row-major ``shape``: one seed from ``generator``, then Philox uniforms
+    (``philox.uniform_like_reference``; slow on the CPU: exactness tests only)."""
+    from lowbit.kernels.philox import draw_seed, uniform_like_reference
+
+    return uniform_like_reference(draw_seed(generator, device), tuple(shape))
+
+
 def stochastic_round(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Unbiased rounding: ``floor(x + u)``, ``u ~ U[0, 1)``; ``E[result] = x``."""
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return torch.floor(x + u)
+    return torch.floor(x + uniform_noise(x.shape, generator, x.device).to(x.dtype))
 
 
 class BitSplit(NamedTuple):
@@ -46,33 +60,30 @@ class BitSplit(NamedTuple):
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The 2N x C INT4 matrix ``[hi; lo]`` and each row's dequantization weight (14/s or 1/s)."""
-        n = self.hi.shape[0]
+        from lowbit.kernels.bitsplit import split_weights
+
         rows = self.rows if self.rows is not None else torch.cat([self.hi, self.lo], 0)
-        weight = torch.cat([torch.full((n,), float(SPLIT_BASE), device=rows.device),
-                            torch.ones(n, device=rows.device)]) / self.scale
-        return rows, weight
+        return rows, split_weights(self.scale, self.hi.shape[0])
 
 
 def bit_split(g: torch.Tensor, generator: torch.Generator | None) -> BitSplit:
     """Split a 2-D gradient into high and low INT4 parts (float32 in, exact integers out); see module doc.
 
-    On the Triton backend one fused kernel does it (``lowbit.kernels.bitsplit``), drawing the same uniform noise
-    from ``generator`` as ``stochastic_round`` would, so both paths give identical results."""
+    On the Triton backend one fused kernel does it (``lowbit.kernels.bitsplit``), drawing its uniforms in-kernel
+    from one seed taken from ``generator`` (``philox_noise`` draws the same ones with PyTorch ops)."""
     if g.dim() == 2 and backend_for(g) == "triton":
         from lowbit.kernels.bitsplit import split_rows
+        from lowbit.kernels.philox import draw_seed
 
-        noise = torch.rand(g.shape, generator=generator, device=g.device, dtype=torch.float32)
-        fused = split_rows(g, noise)
+        fused = split_rows(g, draw_seed(generator, g.device))
         n = g.shape[0]
         return BitSplit(fused.rows[:n], fused.rows[n:], fused.scale, fused.rows)
-    from lowbit.kernels.bitsplit import split_scale
+    from lowbit.kernels.bitsplit import split_math
 
     # on the device, no host sync: a gradient so tiny that 98/max|g| overflows is treated as zero (gain 0)
-    scale, gain = split_scale(g)
-    t = (g.float() * gain).clamp(-SPLIT_RANGE, SPLIT_RANGE)  # only float rounding can leave the range
-    hi = torch.round(t / t.new_full((), float(SPLIT_BASE))).clamp(-7, 7)  # true division on CUDA too
-    lo = stochastic_round(t - SPLIT_BASE * hi, generator).clamp(-7, 7)
-    return BitSplit(hi, lo, scale)
+    rows, scale = split_math(g, uniform_noise(g.shape, generator, g.device))
+    n = g.shape[0]
+    return BitSplit(rows[:n], rows[n:], scale, rows)
 
 
 class QuantGrad(NamedTuple):
