@@ -11,6 +11,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    # Without a GPU, Triton kernels only ever run in its interpreter. Triton's own library functions (tl.randint,
+    # tl.sum, ...) are themselves @triton.jit and are interpreted only if TRITON_INTERPRET is set before triton is
+    # first imported; the per-module reloads of ``triton_path`` cannot fix those afterwards.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 VOCAB = 384
 
