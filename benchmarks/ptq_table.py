@@ -117,6 +117,11 @@ def main() -> None:
             write_json(rows, args.out)
 
     parallel = args.parallel > 1
+    if parallel and args.device.startswith("cuda"):
+        # PyTorch loads its CUDA linalg backend lazily and not thread-safely: two runs reaching their first
+        # inverse at once crashed with "lazy wrapper should be called at most once" (H100, 2026-11-24)
+        torch.linalg.inv_ex(torch.eye(2, device=args.device, dtype=torch.float64))
+        torch.linalg.cholesky_ex(torch.eye(2, device=args.device, dtype=torch.float64))
     with ThreadPoolExecutor(args.parallel) as pool:
         futures = [pool.submit(run_one, fp, c, args, options, parallel) for c in configs]
         for future in as_completed(futures):

@@ -245,3 +245,16 @@ def test_step_init_rule_is_configurable_and_checked():
     assert steps["mse"] != steps["lsq"]
     with pytest.raises(LowbitError, match="step_init"):
         TrainQuantConfig(step_init="minmax")
+
+
+def test_mse_step_init_sees_every_channel_of_a_large_tensor():
+    """Per-tensor search samples whole rows: a strided element sample aliased with the row width and never saw
+    an outlier channel at index 1 (INT8 step 0.031 instead of ~1, 30x the rounding error)."""
+    from lowbit.train.hq import lsq_init, mse_init
+
+    v = torch.randn(4096, 1024, generator=torch.Generator().manual_seed(0))
+    v[:, 1] *= 60.0
+    for qmax in (7, 127):
+        mse, lsq = mse_init(v, -qmax - 1, qmax), lsq_init(v, qmax)
+        err = lambda s: float((torch.round((v / s).clamp(-qmax - 1, qmax)) * s - v).square().sum())
+        assert err(mse) < err(lsq)

@@ -69,8 +69,8 @@ def wxax_linear(x: torch.Tensor, weight: PackedWeight, act_bits: int, act_symmet
                 bias: torch.Tensor | None = None, *, path: str = "auto", cache_weight: bool = False) -> torch.Tensor:
     """y = fake_quantize_per_token(x) @ dequantize(weight).T + bias, computed in integers on the GPU path.
 
-    ``path="auto"`` takes the FP8 cuBLAS path of ``lowbit.kernels.w4a4_fp8`` where its rule says so (CUDA, M >= 1024
-    tokens, 4-bit per-channel weight, act_bits <= 4, fp16/bf16) and the INT8 Triton GEMM otherwise; ``"int8"``
+    ``path="auto"`` takes the INT8 Triton GEMM (it would take the FP8 path where ``w4a4_fp8.use_fp8`` says so only if
+    ``FP8_AUTO`` were True; it is False because that path is inexact on Hopper); ``"int8"``
     forces the INT8 GEMM (the previous path, kept for benchmarks), ``"fp8"`` the FP8 path (an error where it does
     not apply). ``cache_weight`` keeps the FP8 path's unpacked weight on ``weight`` (1 byte per weight) instead of
     unpacking it at every call, the default."""

@@ -135,7 +135,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, options:
     h[dead, dead] = 1.0
     perm = None
     if options.act_order:
-        perm = torch.argsort(h.diagonal(), descending=True)
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)  # ties (dead channels) alike everywhere
         w, h, grid = w[:, perm], h[perm][:, perm], grid.permuted(perm)
     hinv = _inverse_cholesky(h, options.damp)
     columns = w.shape[1]

@@ -53,9 +53,9 @@ def collect_hessians(block: nn.Module, modules: dict[str, nn.Module], inputs: to
     def hook(name):
         def record(module, args):
             x = args[0].detach()
-            if last[0] is not x:
+            if last[0] is not args[0]:  # q, k and v see the same input object: one XᵀX for the three
                 flat = x.reshape(-1, x.shape[-1]).double()
-                last[0], last[1] = x, flat.T @ flat
+                last[0], last[1] = args[0], flat.T @ flat
             sums[name] = last[1] if name not in sums else sums[name] + last[1]
             tokens[name] += x.numel() // x.shape[-1]
             seen.add(name)

@@ -80,10 +80,12 @@ def mse_init(v: torch.Tensor, qmin: int, qmax: int, dim: int | None = None) -> t
     over clipping points ``absmax * 2^(-MSE_OCTAVES * k / MSE_POINTS)``; learning then starts from there.
     """
     v = v.float()
-    if dim is None:
-        flat = v.flatten()
-        v = flat[:: max(1, flat.numel() // MSE_SAMPLE)].unsqueeze(0)
-    amax = v.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8)  # (rows, 1)
+    if dim is None:  # absmax of the whole tensor; the error of every MSE_SAMPLE-th element's worth of whole rows
+        amax = v.abs().amax().clamp_min(1e-8).reshape(1, 1)
+        rows = v.reshape(-1, v.shape[-1]) if v.dim() > 1 else v.reshape(1, -1)
+        v = rows[:: max(1, rows.numel() // MSE_SAMPLE)].reshape(1, -1)  # whole rows: every channel is seen
+    else:
+        amax = v.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8)  # (rows, 1)
     best_err = torch.full_like(amax, float("inf"))
     best = amax / (qmax + 0.5)
     for k in range(MSE_POINTS + 1):  # absmax at qmax + 0.5, the top level's rounding edge, never on the clip point
