@@ -88,6 +88,13 @@ class QuantConfig:
         if not 0.0 < self.gptq_damp < 1.0 or self.gptq_block_size < 1:
             raise LowbitError(f"GPTQ needs damping in (0, 1) and a positive block size, got {self.gptq_damp} "
                               f"and {self.gptq_block_size}")
+        gptq_defaults = (self.gptq_grid, self.gptq_act_order, self.gptq_damp, self.gptq_block_size) == (
+            "minmax", True, 0.01, 128)
+        if self.rounding_method != "gptq" and not gptq_defaults:
+            raise LowbitError("--gptq-grid / --gptq-act-order and the other GPTQ options apply only with GPTQ "
+                              "rounding: add --rounding gptq, or use --method gptq")
+        if self.rounding == ("gptq" if self.method == "gptq" else "rtn"):
+            object.__setattr__(self, "rounding", None)  # the method's own rounding: same config, same manifest
         if self.rounding_method == "gptq" and (self.abits != FLOAT_BITS or self.wbits == FLOAT_BITS):
             raise LowbitError(
                 f"GPTQ rounding is weight-only: it needs --abits {FLOAT_BITS} and --wbits below {FLOAT_BITS}, got "

@@ -218,10 +218,18 @@ def test_plain_configs_serialise_as_before():
     (dict(method="gptq", rounding="rtn"), "contradicts"),
     (dict(method="gptq", gptq_grid="hessian"), "--gptq-grid"),
     (dict(method="affinequant", rounding="nearest"), "unknown rounding"),
+    (dict(method="affinequant", gptq_act_order=False), "apply only with GPTQ"),
+    (dict(method="rtn", gptq_grid="mse"), "apply only with GPTQ"),
 ])
 def test_bad_gptq_configs_are_refused(kw, match):
     with pytest.raises(LowbitError, match=match):
         QuantConfig(**kw)
+
+
+def test_redundant_rounding_is_the_same_config():
+    """--rounding naming the method's own rounding changes nothing, so a resume without the flag still matches."""
+    assert QuantConfig(method="affinequant", rounding="rtn") == QuantConfig(method="affinequant")
+    assert QuantConfig(method="gptq", rounding="gptq").to_dict() == QuantConfig(method="gptq").to_dict()
 
 
 def test_benchmark_run_names():
