@@ -4,8 +4,9 @@
         --runs rtn:W4A4,omniquant:W4A4,affinequant:W4A4 --nsamples 128 --epochs 20
 
 Each run starts from a fresh copy of the full-precision model. ``--parallel N`` calibrates N runs at once, one
-thread and CUDA stream each: a 135M model's block leaves most of an H100 idle, so this multiplies throughput. Writes benchmarks/results/ptq_table.json and
-prints a markdown table. Calibration text: WikiText-2 *validation* (never the test split that is scored).
+thread and CUDA stream each: a 135M model's block leaves most of an H100 idle, so this multiplies throughput
+(``--tf32`` adds TF32 matmuls to that). Writes benchmarks/results/ptq_table.json and prints a markdown table.
+Calibration text: WikiText-2 *validation* (never the test split that is scored).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,8 +44,17 @@ def parse_run(text: str, args) -> QuantConfig:
                        gptq_act_order=getattr(args, "gptq_act_order", True))
 
 
-def run_one(fp, config: QuantConfig, args, options: EvalOptions, parallel: bool) -> tuple[list[dict], str]:
-    """Calibrate a fresh copy of ``fp`` with ``config``, evaluate it, return its rows and its table line."""
+@dataclass
+class Calibrated:
+    loaded: object
+    config: QuantConfig
+    seconds: float  # calibration seconds summed over blocks (restored blocks keep their logged time)
+    wall: float
+    peak: float | None
+
+
+def calibrate_one(fp, config: QuantConfig, args, parallel: bool, tf32: bool | None) -> Calibrated:
+    """Calibrate a fresh copy of ``fp`` with ``config`` (on its own CUDA stream when runs share the GPU)."""
     loaded = copy.deepcopy(fp)
     cuda = args.device.startswith("cuda")
     stream = torch.cuda.Stream() if cuda and parallel else None
@@ -52,35 +63,40 @@ def run_one(fp, config: QuantConfig, args, options: EvalOptions, parallel: bool)
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         ckpt = None if args.checkpoint_dir is None else args.checkpoint_dir / f"{config.label}-{config.name}"
-        # in threads, TF32 would mean flipping a process-wide switch under the other runs' feet
-        quantize(loaded, config, device=args.device, checkpoint_dir=ckpt, progress=False, tf32=not parallel)
-        wall = time.perf_counter() - start
-        log = loaded.calibration_log or []
-        seconds = sum(e.seconds for e in log) if log else wall  # blocks restored from checkpoints keep their time
-        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        loaded.model.to(args.device)
-        new = eval_and_record(loaded, ["wikitext2"], options, f"{config.label} {config.name}", config)
+        quantize(loaded, config, device=args.device, checkpoint_dir=ckpt, progress=False, tf32=tf32)
         if stream is not None:
             stream.synchronize()
+    wall = time.perf_counter() - start
+    log = loaded.calibration_log or []
+    seconds = sum(e.seconds for e in log) if log else wall
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return Calibrated(loaded, config, seconds, wall, peak)
+
+
+def evaluate_one(cal: Calibrated, args, options: EvalOptions, parallel: bool, tf32: bool) -> tuple[list[dict], str]:
+    """Evaluate a calibrated model on WikiText-2; returns its rows and its table line."""
+    loaded, config = cal.loaded, cal.config
+    loaded.model.to(args.device)
+    new = eval_and_record(loaded, ["wikitext2"], options, f"{config.label} {config.name}", config)
     blocks = len(loaded.adapter.blocks(loaded.model))
     for row in new:
         row.update(method=config.label, rounding=config.rounding_method,
                    gptq=None if config.rounding_method != "gptq" else {
                        "grid": config.gptq_grid, "act_order": config.gptq_act_order, "damp": config.gptq_damp,
                        "block_size": config.gptq_block_size},
-                   calib_seconds=round(seconds, 1), wall_seconds_this_process=round(wall, 1),
-                   seconds_per_block=round(seconds / blocks, 2), concurrent_runs=args.parallel,
-                   peak_gpu_gib=None if peak is None else round(peak, 2),
+                   calib_seconds=round(cal.seconds, 1), wall_seconds_this_process=round(cal.wall, 1),
+                   seconds_per_block=round(cal.seconds / blocks, 2), concurrent_runs=args.parallel,
+                   peak_gpu_gib=None if cal.peak is None else round(cal.peak, 2),
                    peak_gpu_scope="whole process, all concurrent runs" if parallel else "this run",
                    recipe={"nsamples": config.nsamples, "seqlen": config.seqlen,
-                           "epochs": default_epochs(config), "batch_size": config.batch_size, "tf32": not parallel})
-    line = (f"| {config.label} | {config.name} | {new[0]['value']:.3f} | {seconds / blocks:.2f} | "
-            f"{'-' if peak is None else f'{peak:.2f}'} |")
+                           "epochs": default_epochs(config), "batch_size": config.batch_size, "tf32": tf32})
+    line = (f"| {config.label} | {config.name} | {new[0]['value']:.3f} | {cal.seconds / blocks:.2f} | "
+            f"{'-' if cal.peak is None else f'{cal.peak:.2f}'} |")
     loaded.model.to("cpu")
     return new, line
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
     p.add_argument("--device", default="cuda")
@@ -90,10 +106,14 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test windows")
+    p.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window (baselines.md: 2048)")
     p.add_argument("--parallel", type=int, default=1,
-                   help="runs calibrated at once, one thread and CUDA stream each (full float32 matmuls, no TF32); "
+                   help="runs calibrated at once, one thread and CUDA stream each (full float32 matmuls unless --tf32); "
                         "s/block is then measured with the GPU shared, and peak memory covers all runs together")
+    p.add_argument("--tf32", action="store_true",
+                   help="with --parallel: every run calibrates with TF32 matmuls (a process-wide switch, so all runs "
+                        "calibrate first and are evaluated in full float32 once the last one ends)")
     p.add_argument("--checkpoint-dir", type=Path, default=None,
                    help="per-block checkpoints (one subfolder per run): a killed run resumes where it stopped")
     p.add_argument("--gptq-grid", default="minmax", choices=("minmax", "mse"),
@@ -102,10 +122,10 @@ def main() -> None:
                    help="GPTQ rounds columns in decreasing Hessian diagonal (default on)")
     p.add_argument("--dtype", default="float32", help="model dtype for calibration and evaluation (default float32)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ptq_table.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     fp = load_model(args.model, device="cpu", dtype=args.dtype)
-    options = EvalOptions(seqlen=2048, batch_size=8, limit=args.limit, device=args.device, progress=False)
+    options = EvalOptions(seqlen=args.eval_seqlen, batch_size=8, limit=args.limit, device=args.device, progress=False)
     configs = [parse_run(run, args) for run in args.runs.split(",")]
     rows, lines, lock = [], [], threading.Lock()
 
@@ -122,10 +142,26 @@ def main() -> None:
         # inverse at once crashed with "lazy wrapper should be called at most once" (H100, 2026-11-24)
         torch.linalg.inv_ex(torch.eye(2, device=args.device, dtype=torch.float64))
         torch.linalg.cholesky_ex(torch.eye(2, device=args.device, dtype=torch.float64))
-    with ThreadPoolExecutor(args.parallel) as pool:
-        futures = [pool.submit(run_one, fp, c, args, options, parallel) for c in configs]
-        for future in as_completed(futures):
-            record(future.result())
+    # TF32 alone or in threads with --tf32; threads otherwise keep full float32 (the switch is process-wide)
+    tf32 = args.tf32 or not parallel
+    deferred = parallel and args.tf32  # evaluation waits until no run calibrates in TF32 any more
+
+    def job(config: QuantConfig):
+        cal = calibrate_one(fp, config, args, parallel, tf32=None if deferred else tf32)
+        return cal if deferred else evaluate_one(cal, args, options, parallel, tf32)
+
+    previous = torch.get_float32_matmul_precision()
+    if deferred:
+        torch.set_float32_matmul_precision("high")
+    try:
+        with ThreadPoolExecutor(args.parallel) as pool:
+            finished = as_completed([pool.submit(job, c) for c in configs])
+            calibrated = [f.result() for f in finished] if deferred else [record(f.result()) for f in finished]
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    if deferred:  # evaluated at the process's own precision, as the runs in the other modes are
+        for cal in calibrated:
+            record(evaluate_one(cal, args, options, parallel, tf32))
     print_markdown(["method", "config", "wikitext2 ppl", "s/block", "peak GPU GiB"], lines)
 
 

@@ -21,10 +21,11 @@ log = logging.getLogger(__name__)
 
 
 def quantize(loaded: LoadedModel, config: QuantConfig, device: str | None = None, checkpoint_dir: str | None = None,
-             progress: bool = True, tf32: bool = True) -> LoadedModel:
+             progress: bool = True, tf32: bool | None = True) -> LoadedModel:
     """Quantize ``loaded.model`` in place with ``config.method``; returns ``loaded`` (the calibration log, if
-    any, is in ``loaded.calibration_log``). ``tf32=False`` keeps calibration matmuls in full float32 and leaves the
-    process-wide matmul precision untouched, which callers running several calibrations in threads need."""
+    any, is in ``loaded.calibration_log``). ``tf32`` picks TF32 (True) or full float32 (False) calibration matmuls,
+    restoring the process-wide precision afterwards; ``None`` leaves that process-wide switch alone, which callers
+    running several calibrations in threads need (they set it once, before and after all of them)."""
     if config.method == "rtn":
         quantize_rtn(loaded, config)
         return loaded

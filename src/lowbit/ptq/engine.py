@@ -43,7 +43,9 @@ class CalibOptions:
     device: str = "cpu"
     amp: bool = False  # bf16 autocast for the block's matmuls on CUDA; off: SmolLM2's 26,000-sized activations
     cuda_graph: bool = True  # replay each step from a CUDA graph on GPUs (see ptq/step.py)
-    tf32: bool = True  # float32 matmuls on TF32 tensor cores while calibrating (restored afterwards)
+    # float32 matmuls on TF32 tensor cores while calibrating (True) or in full float32 (False), restored afterwards;
+    # None leaves the process-wide setting alone (runs in threads: the caller sets it once for all of them)
+    tf32: bool | None = True
     max_retries: int = 3
     checkpoint_dir: str | None = None
     progress: bool = True
@@ -145,6 +147,8 @@ def _optimise(calib: BlockCalibration, q_in, targets, aug_targets, kwargs, opts:
 def calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, opts: CalibOptions,
               windows: torch.Tensor) -> list[BlockLog]:
     """Quantize ``loaded.model`` in place, block by block; returns the per-block log."""
+    if opts.tf32 is None:
+        return _calibrate(loaded, config, plan, opts, windows)
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if opts.tf32 else "highest")
     try:
