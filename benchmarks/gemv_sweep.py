@@ -11,10 +11,11 @@
 M = 1, shapes (N out, K in) 4096x4096, 11008x4096, 4096x11008, 14336x4096 (plus 1024x4096, narrow enough that the
 GEMV splits K), group 128 and per-channel, bf16 and fp16 activations. Per case, in the same run: dense cuBLAS
 ``F.linear`` in the activation dtype, tinygemm ``_weight_int4pack_mm`` (bf16, group 128 only), the autotuned
-``w4a16_linear`` (what callers get), and every config ``w4a16_gemv.candidates`` lists, launched directly (on CUDA
-these take the inline-PTX step, ``w4a16_gemv_asm``; ``meta.asm_path`` records it), plus the tuned tile with the
-plain-Triton step ("plain ...") for comparison. Timing as
-in ``inference_kernels.py`` (whose helpers this reuses): CUDA graphs cycling through enough weight copies to miss
+``w4a16_linear`` (what callers get), and every config ``w4a16_gemv.candidates`` lists for the case's step kinds
+(``step_kinds``: the inline-PTX step of ``w4a16_gemv_asm``, asm True, and the plain-Triton one, asm False; with
+``--tuned-only`` the tuned tile with each), launched directly. Each row records the tuned config, the step it runs
+("tuned_step": ptx or plain) and the fastest config of each step ("best_by_step"). Timing as in
+``inference_kernels.py`` (whose helpers this reuses): CUDA graphs cycling through enough weight copies to miss
 the 50 MB L2, CUDA events, warm-up, median of >= 30 replays. Each config's output is checked against the float32
 reference with the tests' bound (|error| <= tol * |x| @ |W|^T), for determinism (two eager calls, same bits) and
 for CUDA-graph safety (a captured call replayed three times gives the eager bits). A config that fails prints n/a
@@ -45,6 +46,10 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # tests/kernels/test_w4a16.py
 
 def short(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:200]}"
+
+
+def label(kind: str, config) -> str:
+    return f"{kind} {','.join(map(str, config))}"
 
 
 def load_old(path: Path):
@@ -120,18 +125,24 @@ def bench_case(n, k, group, dtype, cfg: Config, old, all_configs: bool) -> dict:
     timed("lowbit_tuned", [lambda p=p: w4a16_linear(x, p) for p in packed])
     key = next((key for key in G._tuned if key[:2] == (n, k) and key[3] == group and key[4] == dtype), None)
     tuned = G._tuned.get(key)
+    meta_dtype = layouts[0].scales.dtype
+
+    def step(config) -> str:  # the step a config of this module runs in this case
+        return "ptx" if G.uses_asm(config, dtype, meta_dtype) else "plain"
+
     if "lowbit_tuned" in times:
         checks["lowbit_tuned"] = check(w4a16_linear(x, weight), x, weight)
 
     y = torch.empty((1, n), dtype=dtype, device="cuda")
-    configs = [("new", c, G._launch) for c in (G.candidates(layouts[0]) if all_configs else [tuned] if tuned else [])]
-    if tuned:
-        configs.append(("plain", tuned[:5] + (False,), G._launch))
+    steps = G.step_kinds(dtype, meta_dtype)
+    mine = G.candidates(layouts[0], steps) if all_configs else [tuned[:5] + (s,) for s in steps] if tuned else []
+    configs = [("new", c, G._launch) for c in mine]  # --tuned-only: the tuned tile with each step
+    step_of = {label("new", c): step(c) for c in mine}
     if old is not None:
         old_configs = old.candidates(layouts[0]) if hasattr(old, "candidates") else old.CONFIGS
         configs += [("old", c, old._launch) for c in old_configs]
     for kind, config, launch in configs:
-        name = f"{kind} {','.join(map(str, config))}"
+        name = label(kind, config)
         try:
             def one(layout=layouts[0], launch=launch, config=config):
                 launch(x, layout, None, y, config)
@@ -147,9 +158,13 @@ def bench_case(n, k, group, dtype, cfg: Config, old, all_configs: bool) -> dict:
         timed(name, [lambda lay=lay, launch=launch, config=config: launch(x, lay, None, y, config) for lay in layouts])
     base = times.get("dense_cublas", float("nan"))
     new = {key: t for key, t in times.items() if key.startswith("new ")}
+    by_step = {}  # step -> the name of its fastest "new" config
+    for name in sorted(new, key=new.get):
+        by_step.setdefault(step_of[name], name)
     old_t = {key: t for key, t in times.items() if key.startswith("old ")}
     row = {"n": n, "k": k, "m": 1, "group": group, "dtype": str(dtype).replace("torch.", ""), "us": times,
            "speedup_vs_dense": {key: base / t for key, t in times.items()}, "tuned_config": tuned,
+           "tuned_step": step(tuned) if tuned else None, "best_by_step": by_step,
            "best_new": min(new, key=new.get) if new else None, "best_old": min(old_t, key=old_t.get) if old_t else None,
            "error_over_bound": checks, "checks": errors, "failures": failures, "weight_copies_cycled": len(packed),
            "all_pass": all(v <= 1 for v in checks.values()) and all(
@@ -168,13 +183,14 @@ def print_table(rows):
 
     print_markdown(
         ["N x K", "dtype", "group", "dense cuBLAS us", "tinygemm", "old best", "new tuned", "tuned config",
-         "new best", "best config", "checks pass"],
+         "tuned step", "best ptx", "best plain", "new best", "best config", "checks pass"],
         [f"| {r['n']}x{r['k']} | {r['dtype']} | {r['group']} | {cell(r, 'dense_cublas')} | {cell(r, 'tinygemm')} | "
-         f"{cell(r, r['best_old'])} | {cell(r, 'lowbit_tuned')} | {r['tuned_config']} | {cell(r, r['best_new'])} | "
-         f"{r['best_new']} | {r['all_pass']} |" for r in rows])
+         f"{cell(r, r['best_old'])} | {cell(r, 'lowbit_tuned')} | {r['tuned_config']} | {r['tuned_step']} | "
+         f"{cell(r, r['best_by_step'].get('ptx'))} | {cell(r, r['best_by_step'].get('plain'))} | "
+         f"{cell(r, r['best_new'])} | {r['best_new']} | {r['all_pass']} |" for r in rows])
     print("\n(us per call, speedup over dense cuBLAS in the activation dtype in parentheses)\n")
     for r in rows:
-        ranked = sorted((t, key) for key, t in r["us"].items() if key.startswith(("new ", "old ", "plain ")))
+        ranked = sorted((t, key) for key, t in r["us"].items() if key.startswith(("new ", "old ")))
         print(f"{r['n']}x{r['k']} {r['dtype']} g{r['group']}: " + ", ".join(f"{key} {t:.1f}" for t, key in ranked))
         for key, why in r["failures"].items():
             print(f"  n/a {key}: {why}")

@@ -5,7 +5,8 @@ times, on odd shapes (K = 576 and 1536, N not a multiple of the tile), fp16/bf16
 
 The inline-PTX step (``w4a16_gemv_asm``, packed 16-bit dequantization) runs only on CUDA: on the CPU its PyTorch
 reference, which rounds as the PTX does, is held to the same bound; on the GPU the kernel is compared with the
-float32 truth and with that reference, on the LLaMA shapes and odd ones, bf16 and fp16, group 128 and per channel."""
+float32 truth and with that reference, on the LLaMA shapes and odd ones, bf16 and fp16, group 128 and per channel.
+The tuner's candidates hold every tile with both steps where the PTX one can run, and it keeps the faster."""
 
 import importlib
 
@@ -73,10 +74,11 @@ def test_prefetch_does_not_change_the_bits(w4a16):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_every_tuner_candidate_is_correct(w4a16, dtype):
-    """Every config ``candidates`` lists (what the GPU tuner may pick) on a shape that splits K."""
+    """Every config ``candidates`` lists for this device's step kinds (what the tuner may pick) on a shape that
+    splits K: the plain step only on the CPU, both steps on CUDA for bf16."""
     gemv = w4a16.w4a16_gemv
     weight, x, b, layout = _case(w4a16, 52, 1536, 64, dtype, True)
-    configs = gemv.candidates(layout)
+    configs = gemv.candidates(layout, gemv.step_kinds(x.dtype, layout.scales.dtype))
     assert any(c[3] > 1 for c in configs) and any(not c[4] for c in configs)
     for config in configs:
         assert_w4a16_close(_run(gemv, x, layout, b, config), x, weight, b)
@@ -98,9 +100,67 @@ def test_heuristic_and_candidates_shapes(w4a16):
     assert gemv.tile_chunks(narrow_chunk, 2) == 8
     for config in gemv.candidates(wide):
         bnb, chunks, warps, splits, prefetch, use_asm = config
-        assert chunks * (wide.chunk // 8) * 2 == 32 * warps and splits >= 1 and isinstance(prefetch, bool) and use_asm
+        assert chunks * (wide.chunk // 8) * 2 == 32 * warps and splits >= 1 and isinstance(prefetch, bool)
+        assert isinstance(use_asm, bool)
     weight, x, b, layout = _case(w4a16, 33, 576, 64, torch.bfloat16, False)
     assert_w4a16_close(_run(gemv, x, layout, b, (1, 4, 1, 1)), x, weight, b)
+
+
+def test_candidates_time_both_steps(w4a16):
+    """Where the PTX step can run, every tile is a candidate with each step (asm True and False), and nothing else
+    changes; with the plain step only (the CPU, float32 x or metadata) each tile appears once, asm False."""
+    gemv = w4a16.w4a16_gemv
+    for n in (4096, 256):  # unsplit and split tiles
+        layout = w4a16.W4A16Layout(torch.empty(n // 4, 1, 1), None, None, 128, 128, 4096, n)
+        both, plain = gemv.candidates(layout, (True, False)), gemv.candidates(layout, (False,))
+        assert gemv.candidates(layout) == both and all(not c[5] for c in plain)
+        assert [c for c in both if c[5]] == [c[:5] + (True,) for c in plain]
+        assert [c for c in both if not c[5]] == plain and len(both) == 2 * len(plain) == len(set(both))
+    assert gemv.step_kinds(torch.float32, torch.float32) == (False,)
+    assert gemv.step_kinds(torch.bfloat16, torch.float32) == (False,)  # metadata not 16-bit: no PTX step
+    cuda = torch.cuda.is_available()
+    for dtype in (torch.bfloat16, torch.float16):
+        assert gemv.step_kinds(dtype, dtype) == ((True, False) if cuda else (False,))
+        assert gemv.uses_asm((8, 4, 4, 1, True, True), dtype, dtype) == cuda
+        assert not gemv.uses_asm((8, 4, 4, 1, True, False), dtype, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_each_step_config_launches(w4a16, dtype):
+    """A config of either step is accepted; on the CPU the PTX one falls back to the plain step (the same bits)."""
+    gemv = w4a16.w4a16_gemv
+    weight, x, b, layout = _case(w4a16, 36, 1536, 128, dtype, True)
+    ys = {step: _run(gemv, x, layout, b, (2, 2, 1, 2, True, step)) for step in (True, False)}
+    for y in ys.values():
+        assert_w4a16_close(y, x, weight, b)
+    if not torch.cuda.is_available():
+        assert torch.equal(ys[True], ys[False])
+
+
+def test_tuner_keeps_the_faster_step(w4a16, monkeypatch):
+    """The tuner times every candidate of both steps (as on CUDA; timings faked here) and keeps the fastest, here a
+    plain-step config; the call runs it and later calls reuse it."""
+    gemv = w4a16.w4a16_gemv
+    weight, x, b, layout = _case(w4a16, 20, 576, 64, torch.bfloat16, False)
+    timed = []
+
+    def fake_time(x, layout, copies, bias, y, config):
+        timed.append(config)
+        return 1.0 if config[5] else 0.5 - 0.001 * len(timed)  # the last plain candidate is the fastest
+
+    monkeypatch.setenv("LOWBIT_AUTOTUNE", "1")
+    monkeypatch.setattr(gemv, "interpreting", lambda: False)  # the kernel itself still runs as before
+    monkeypatch.setattr(gemv, "step_kinds", lambda x_dtype, meta_dtype: (True, False))
+    monkeypatch.setattr(gemv.torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(gemv, "_layout_copies", lambda layout, device: [])
+    monkeypatch.setattr(gemv, "_time_config", fake_time)
+    monkeypatch.setattr(gemv, "_tuned", {})
+    assert_w4a16_close(gemv.gemv(x, layout, None), x, weight)
+    assert timed == gemv.candidates(layout, (True, False))
+    (chosen,) = gemv._tuned.values()
+    assert chosen == [c for c in timed if not c[5]][-1]
+    gemv.gemv(x, layout, None)
+    assert len(timed) == len(gemv.candidates(layout, (True, False)))  # tuned once
 
 
 ASM_CASES = [  # (N, K, group, dtype, scale_x): odd shapes, zero points as the quantizer makes them

@@ -41,10 +41,12 @@ Measured on the H100 (CUDA graphs, bf16, group 128; benchmarks/gemv_sweep.py, BE
   cannot run PTX, so it runs the plain step (the float32 one described above).
 
 Tuning: on CUDA a small search picks (BNB, CHUNKS, warps, splits, prefetch, asm) per (N, K, chunk, group, dtypes)
-once, timing each candidate as callers run it: CUDA-graph replays cycling through copies of the weight that cover
-twice the L2 (eager timing with L2 flushed ranked tiles differently: 10.2 us picked at 1024x4096 where 6.5 us
-existed); eager timing only when the copies do not fit or capture fails. A call under graph capture that finds no
-tuned entry uses the heuristic tile; ``LOWBIT_AUTOTUNE=0`` and the CPU interpreter use the heuristic tile.
+once, timing every tile with both steps where the PTX one can run (``step_kinds``; fewer instructions need not mean
+faster: at 4096x4096 bf16 the plain step measured 2.04x cuBLAS, the PTX step 1.86x). Each candidate is timed as
+callers run it: CUDA-graph replays cycling through copies of the weight that cover twice the L2 (eager timing with
+L2 flushed ranked tiles differently: 10.2 us picked at 1024x4096 where 6.5 us existed); eager timing only when the
+copies do not fit or capture fails. A call under graph capture that finds no tuned entry uses the heuristic config;
+``LOWBIT_AUTOTUNE=0`` and the CPU interpreter use the heuristic config (PTX step where supported, i.e. not on CPU).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ MASK_LO, MASK_HI = 0x78000, 0x780000  # bits 15..18 and 19..22; runtime argument
 # (BNB row groups per CTA, warps): CHUNKS follows as 16 * warps // KW (positions per step = half the threads).
 TILES = ((8, 4), (8, 2), (8, 1), (4, 4), (4, 2), (4, 1))
 MIN_CTAS = 2 * 132  # fewer row tiles than this: split K (split-K lost to no split at 256 row tiles on the H100)
-_tuned: dict = {}  # (shape, dtypes, device) -> (bnb, chunks, warps, splits, prefetch)
+_tuned: dict = {}  # (shape, dtypes, device) -> (bnb, chunks, warps, splits, prefetch, asm)
 _counters: dict = {}  # (device, stream) -> zeroed int32 counters (the last CTA of a split tile resets its own)
 
 if triton is not None:
@@ -205,12 +207,23 @@ def _counter_tensor(device: torch.device, tiles: int) -> torch.Tensor:
     return _counters[key]
 
 
+def uses_asm(config, x_dtype: torch.dtype, meta_dtype: torch.dtype) -> bool:
+    """Whether ``config`` runs the inline-PTX step: its asm field (default on) where ``asm.asm_supported`` allows it
+    (CUDA, 16-bit x and metadata); otherwise the plain step runs."""
+    return (bool(config[5]) if len(config) > 5 else True) and asm.asm_supported(x_dtype, meta_dtype)
+
+
+def step_kinds(x_dtype: torch.dtype, meta_dtype: torch.dtype) -> tuple:
+    """The asm values worth timing: (True, False) where the PTX step can run, else (False,) (the plain step)."""
+    return (True, False) if asm.asm_supported(x_dtype, meta_dtype) else (False,)
+
+
 def _launch(x, layout, bias, y, config) -> None:
-    """One launch with config (BNB, CHUNKS, warps, splits[, prefetch[, asm]]): prefetch defaults to on; asm (default
-    on) takes the inline-PTX step where ``asm.asm_supported`` allows it (CUDA, 16-bit x and metadata)."""
+    """One launch with config (BNB, CHUNKS, warps, splits[, prefetch[, asm]]): prefetch defaults to on; asm as
+    ``uses_asm`` says."""
     bnb, chunks, warps, splits = config[:4]
     prefetch = bool(config[4]) if len(config) > 4 else True
-    use_asm = (bool(config[5]) if len(config) > 5 else True) and asm.asm_supported(x.dtype, layout.scales.dtype)
+    use_asm = uses_asm(config, x.dtype, layout.scales.dtype)
     n, k = layout.out_features, layout.in_features
     steps = triton.cdiv(k // layout.chunk, chunks)
     per_split = triton.cdiv(steps, max(1, min(splits, steps)))  # loop steps per CTA
@@ -229,17 +242,16 @@ def _launch(x, layout, bias, y, config) -> None:
                                   F16=x.dtype == torch.float16, num_warps=warps)
 
 
-def candidates(layout) -> list:
+def candidates(layout, steps: tuple = (True, False)) -> list:
     """Configs the tuner times: each tile prefetching, unsplit and split as ``auto_splits`` says when that is more
-    than one; the first three tiles also without prefetch (the loads then wait for the step's math). All allow the
-    inline-PTX step (used where supported)."""
+    than one; the first three tiles also without prefetch (the loads then wait for the step's math); each of these
+    with every asm value in ``steps`` (the tuner passes ``step_kinds``)."""
     out = []
     for index, (bnb, warps) in enumerate(TILES):
         tile = (bnb, tile_chunks(layout, warps), warps)
         for prefetch in (True, False) if index < 3 else (True,):
-            out.append(tile + (1, prefetch, True))
-            if auto_splits(layout, tile) > 1:
-                out.append(tile + (auto_splits(layout, tile), prefetch, True))
+            for splits in sorted({1, auto_splits(layout, tile)}):
+                out += [tile + (splits, prefetch, step) for step in steps]
     return out
 
 
@@ -300,7 +312,7 @@ def gemv(x: torch.Tensor, layout, bias: torch.Tensor | None) -> torch.Tensor:
             return y
         times = {}  # time each config as it will run (CUDA-graph replays missing L2), keep the fastest
         copies = _layout_copies(layout, x.device)
-        for config in candidates(layout):
+        for config in candidates(layout, step_kinds(x.dtype, layout.scales.dtype)):
             try:
                 times[config] = _time_config(x, layout, copies, bias, y, config)
             except Exception:  # noqa: BLE001 - a tile that does not compile or fit is skipped

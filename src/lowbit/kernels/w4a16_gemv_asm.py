@@ -14,7 +14,8 @@ word (8 nibbles of one row, planes i = 0..7 of one chunk position) becomes one f
 fp16 pairs hold x / 16 (exact outside subnormals; the caller multiplies y by 16), so a lane overflows only when
 four products |x (c - z)| of one word reach ~16 * 65504 / 4, i.e. |x| ~ 17000 for |c - z| = 15.
 
-The CPU interpreter cannot run inline PTX: ``w4a16_gemv`` selects this path only on CUDA (``asm_supported``).
+The CPU interpreter cannot run inline PTX: ``w4a16_gemv`` selects this path only on CUDA (``asm_supported``),
+where its tuner times it against the plain step per shape and keeps the faster.
 ``word_dot_reference`` is its PyTorch reference, rounding like the PTX, so CPU tests check its numerics.
 """
 
