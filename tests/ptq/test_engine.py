@@ -140,3 +140,34 @@ def test_smoothquant_never_learns(tiny_tokenizer):
     loaded = tiny_loaded("llama", tiny_tokenizer)
     quantize(loaded, config("smoothquant", epochs=3), progress=False)
     assert all(e.epoch_losses == [] for e in loaded.calibration_log)
+
+
+@pytest.mark.parametrize("method", ["omniquant", "affinequant"])
+def test_each_block_frees_its_calibration_objects(method, tiny_tokenizer, monkeypatch):
+    """A block's calibration state (transforms, optimiser, CUDA graph and its private memory pool) must be gone when
+    the block ends, even if Python's cycle collector does not run: on an H100, three runs in threads kept 62 GiB of
+    graph pools alive by block 25 and fell back to slow eager steps."""
+    import gc
+    import weakref
+
+    from lowbit.ptq.step import CalibStep
+
+    refs = []
+    for cls in (engine.BlockCalibration, CalibStep):
+        original = cls.__init__
+
+        def init(self, *args, _original=original, **kwargs):
+            _original(self, *args, **kwargs)
+            refs.append(weakref.ref(self))
+
+        monkeypatch.setattr(cls, "__init__", init)
+    loaded = tiny_loaded("llama", tiny_tokenizer)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        quantize(loaded, config(method, epochs=1), progress=False)
+        assert len(refs) == 4  # a calibration and a step per block
+        assert [r() for r in refs] == [None] * len(refs)
+    finally:
+        if was_enabled:
+            gc.enable()

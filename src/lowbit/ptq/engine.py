@@ -25,7 +25,7 @@ from lowbit.ptq.capture import capture_block_inputs
 from lowbit.ptq.checkpoint import BlockCheckpoints
 from lowbit.ptq.recipes import gptq_options
 from lowbit.ptq.rounding import gptq_block
-from lowbit.ptq.step import CalibStep
+from lowbit.ptq.step import CalibStep, GraphPool
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,10 @@ class BlockLog:
     online_ops: list[str] = field(default_factory=list)
     seconds: float = 0.0
     gptq: dict[str, dict[str, float]] = field(default_factory=dict)  # per linear: output error of RTN and GPTQ
+    # CUDA memory of the process when the block ends (all runs, if several share it), in live tensors and held by
+    # the caching allocator: growth block after block is a leak (per-block CUDA-graph pools once filled an H100)
+    gpu_allocated_gib: float | None = None
+    gpu_reserved_gib: float | None = None
 
 
 def block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -93,7 +97,7 @@ def _mse(calib: BlockCalibration, inputs, targets, kwargs, batch) -> float:
 
 
 def _optimise(calib: BlockCalibration, q_in, targets, aug_targets, kwargs, opts: CalibOptions, seed: int, entry: BlockLog,
-              bar, capture_stream: torch.cuda.Stream | None = None):
+              bar, capture_stream: torch.cuda.Stream | None = None, graph_pool: GraphPool | None = None):
     groups = calib.learnable()
     if not any(groups.values()) or opts.epochs == 0:
         return
@@ -110,7 +114,7 @@ def _optimise(calib: BlockCalibration, q_in, targets, aug_targets, kwargs, opts:
 
     def new_step() -> CalibStep:  # one optimiser per block, as the reference; a new one only on a retry
         return CalibStep(groups, lrs, loss_fn, opts.weight_decay, q_in.device, graph=opts.cuda_graph,
-                         capture_stream=capture_stream)
+                         capture_stream=capture_stream, graph_pool=graph_pool)
 
     step, epoch, retries = new_step(), 0, 0
     while epoch < opts.epochs:
@@ -174,6 +178,7 @@ def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, op
     # One capture stream for the whole run: the caching allocator keeps freed memory per stream, so a new stream
     # per block would strand each block's graph memory (30+ GiB by block 20 with four runs sharing a GPU).
     capture_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    graph_pool = GraphPool() if device.type == "cuda" else None  # likewise one memory pool for all its graphs
     gptq = gptq_options(config)
     logs: list[BlockLog] = []
     bar = tqdm(range(len(blocks)), desc=f"{config.label} {config.name}", unit="block", disable=not opts.progress)
@@ -190,7 +195,7 @@ def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, op
             calib.init_transforms(fp_in, kwargs, batch)
             entry = BlockLog(b, _mse(calib, q_in, fp_out, kwargs, batch), float("nan"))
             _optimise(calib, q_in, fp_out, aug, kwargs, opts, seed=config.seed * 1000 + b, entry=entry, bar=bar,
-                      capture_stream=capture_stream)
+                      capture_stream=capture_stream, graph_pool=graph_pool)
             entry.dominance_margin = calib.dominance_margin()
             entry.online_ops = calib.merge(bake=gptq is None)
             if gptq is not None:  # final rounding after the transforms are fixed: no host syncs to worry about
@@ -200,7 +205,9 @@ def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, op
         entry.loss_after = float(block_loss(q_out, fp_out))
         if saved is None:  # a restored block keeps the time it took when it was calibrated
             entry.seconds = time.perf_counter() - start
-        if saved is None:
+            if device.type == "cuda":
+                entry.gpu_allocated_gib = round(torch.cuda.memory_allocated(device) / 2**30, 4)
+                entry.gpu_reserved_gib = round(torch.cuda.memory_reserved(device) / 2**30, 4)
             ckpt.save(b, block, entry)
         logs.append(entry)
         bar.set_postfix(block=b, before=f"{entry.loss_before:.3g}", after=f"{entry.loss_after:.3g}")

@@ -20,13 +20,31 @@ log = logging.getLogger(__name__)
 WARMUP_STEPS = 2
 
 
+class GraphPool:
+    """One CUDA-graph memory pool for all of a run's successive graphs (one per block).
+
+    A fresh pool per graph is cached by the allocator after its graph dies: three SmolLM2 runs in threads held
+    79 GiB of such pools by block 25 while their live tensors took 4.4 GiB. A pool only lives while a graph uses
+    it (re-using the handle of a dead one trips an allocator assert), so the last graph is kept until the next
+    capture has joined its pool."""
+
+    def __init__(self) -> None:
+        self._last: torch.cuda.CUDAGraph | None = None
+
+    def handle(self):
+        return None if self._last is None else self._last.pool()
+
+    def keep(self, graph: torch.cuda.CUDAGraph) -> None:
+        self._last = graph
+
+
 class CalibStep:
     """``step(x, target, aug)`` runs forward, loss, backward and one AdamW update; losses accumulate in ``total``."""
 
     def __init__(self, params: dict[str, list[torch.nn.Parameter]], lrs: dict[str, float],
                  loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
                  weight_decay: float, device: torch.device, graph: bool,
-                 capture_stream: torch.cuda.Stream | None = None) -> None:
+                 capture_stream: torch.cuda.Stream | None = None, graph_pool: GraphPool | None = None) -> None:
         self.params = [p for ps in params.values() for p in ps]
         self.graph_wanted = graph and device.type == "cuda"
         self.optimiser = torch.optim.AdamW([{"params": p, "lr": lrs[k]} for k, p in params.items() if p],
@@ -38,6 +56,7 @@ class CalibStep:
         self._static: tuple[torch.Tensor, ...] | None = None
         self._failed = False
         self._stream = capture_stream  # warm-up and capture run here; the engine reuses one per run
+        self._pool = graph_pool  # the run's one memory pool (see GraphPool); None: a pool of this graph's own
 
     def reset_total(self) -> None:
         self.total.zero_()
@@ -82,6 +101,8 @@ class CalibStep:
             self.optimiser.zero_grad(set_to_none=True)
             self._record(graph, sx, st, sa)
             self._graph = graph
+            if self._pool is not None:
+                self._pool.keep(graph)
         except RuntimeError as err:  # an op that cannot be captured: run eagerly, slower but the same maths
             log.warning("CUDA graph capture failed (%s); calibrating eagerly", str(err).splitlines()[0])
             torch.cuda.current_stream().synchronize()
@@ -101,7 +122,8 @@ class CalibStep:
         stream = self._side_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            graph.capture_begin(capture_error_mode="thread_local")
+            graph.capture_begin(pool=None if self._pool is None else self._pool.handle(),
+                                capture_error_mode="thread_local")
             try:
                 loss = self.loss_fn(sx, st, sa)
                 loss.backward()
