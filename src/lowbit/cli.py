@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--norm-matrices", action="store_true", help="AffineQuant: full matrices after the norms (kept as online ops)")
     c.add_argument("--rounding", default=None, choices=("rtn", "gptq"),
                    help="final rounding of the weights (weight-only): gptq rounds the calibrated weights by GPTQ on "
-                        "the grid the method learnt (default: the method's own; --method gptq is GPTQ alone)")
+                        "the grid the method learnt (default: the method's own; --method gptq is GPTQ alone). It helped "
+                        "short calibrations but made a 20-epoch AffineQuant W3 worse (BENCHMARKS.md)")
     c.add_argument("--gptq-grid", default="minmax", choices=("minmax", "mse"),
                    help="GPTQ's grid where no clipping was learnt: min-max or an MSE clip search (default minmax)")
     c.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=True,
