@@ -89,6 +89,7 @@ def evaluate_one(cal: Calibrated, args, options: EvalOptions, parallel: bool, tf
                    peak_gpu_gib=None if cal.peak is None else round(cal.peak, 2),
                    peak_gpu_scope="whole process, all concurrent runs" if parallel else "this run",
                    gpu_allocated_gib_per_block=[e.gpu_allocated_gib for e in loaded.calibration_log or []],
+                   eager_blocks=[e.block for e in loaded.calibration_log or [] if e.cuda_graph is False],
                    recipe={"nsamples": config.nsamples, "seqlen": config.seqlen,
                            "epochs": default_epochs(config), "batch_size": config.batch_size, "tf32": tf32})
     line = (f"| {config.label} | {config.name} | {new[0]['value']:.3f} | {cal.seconds / blocks:.2f} | "

@@ -83,6 +83,7 @@ def test_graph_memory_does_not_grow_block_after_block(tiny_tokenizer, caplog):
     windows = calibration_windows(tiny_tokenizer, config.calib_data, config.nsamples, config.seqlen, config.seed)
     logs = calibrate(loaded, config, plan_for(config), CalibOptions(epochs=2, device="cuda", progress=False), windows)
     assert "calibrating eagerly" not in caplog.text
+    assert [e.cuda_graph for e in logs] == [True] * len(logs)
     reserved = [e.gpu_reserved_gib for e in logs]
     assert all(r is not None for r in reserved)
     assert reserved[-1] - reserved[1] < 4 / 1024, reserved  # less than one 2 MiB segment per block after the first

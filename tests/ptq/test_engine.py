@@ -35,6 +35,7 @@ def test_smoke_every_method(method, arch, tiny_tokenizer):
     quantize(loaded, config(method, epochs=1), progress=False)
     log = loaded.calibration_log
     assert len(log) == 2 and all(e.loss_after == e.loss_after for e in log)  # not NaN
+    assert all(e.cuda_graph is None for e in log)  # no graphs on the CPU (the GPU tests check they replay)
     ids = torch.randint(0, 384, (1, 16))
     assert torch.isfinite(logits(loaded, ids)).all()
 

@@ -67,6 +67,7 @@ class BlockLog:
     # the caching allocator: growth block after block is a leak (per-block CUDA-graph pools once filled an H100)
     gpu_allocated_gib: float | None = None
     gpu_reserved_gib: float | None = None
+    cuda_graph: bool | None = None  # steps replayed from a CUDA graph; False: capture failed, eager (several x slower)
 
 
 def block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -146,6 +147,7 @@ def _optimise(calib: BlockCalibration, q_in, targets, aug_targets, kwargs, opts:
         bar.set_postfix(block=entry.block, epoch=epoch, loss=f"{mean:.3g}")
         epoch += 1
     entry.retries = retries
+    entry.cuda_graph = step.graphed if step.graph_wanted else None
 
 
 def calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, opts: CalibOptions,

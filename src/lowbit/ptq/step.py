@@ -58,6 +58,11 @@ class CalibStep:
         self._stream = capture_stream  # warm-up and capture run here; the engine reuses one per run
         self._pool = graph_pool  # the run's one memory pool (see GraphPool); None: a pool of this graph's own
 
+    @property
+    def graphed(self) -> bool:
+        """Whether steps replay a captured graph (False before the first step and after a failed capture)."""
+        return self._graph is not None
+
     def reset_total(self) -> None:
         self.total.zero_()
         self.steps = 0
