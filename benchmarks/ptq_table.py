@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
 import re
 import sys
+import threading
 import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class Calibrated:
     seconds: float  # calibration seconds summed over blocks (restored blocks keep their logged time)
     wall: float
     peak: float | None
+    stream: object = None  # the run's CUDA stream when runs share the GPU; its evaluation runs there too
 
 
 def calibrate_one(fp, config: QuantConfig, args, parallel: bool, tf32: bool | None) -> Calibrated:
@@ -70,14 +72,17 @@ def calibrate_one(fp, config: QuantConfig, args, parallel: bool, tf32: bool | No
     log = loaded.calibration_log or []
     seconds = sum(e.seconds for e in log) if log else wall
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return Calibrated(loaded, config, seconds, wall, peak)
+    return Calibrated(loaded, config, seconds, wall, peak, stream)
 
 
 def evaluate_one(cal: Calibrated, args, options: EvalOptions, parallel: bool, tf32: bool) -> tuple[list[dict], str]:
     """Evaluate a calibrated model on WikiText-2; returns its rows and its table line."""
     loaded, config = cal.loaded, cal.config
-    loaded.model.to(args.device)
-    new = eval_and_record(loaded, ["wikitext2"], options, f"{config.label} {config.name}", config)
+    with torch.cuda.stream(cal.stream) if cal.stream is not None else contextlib.nullcontext():
+        loaded.model.to(args.device)
+        new = eval_and_record(loaded, ["wikitext2"], options, f"{config.label} {config.name}", config)
+        if cal.stream is not None:
+            cal.stream.synchronize()
     blocks = len(loaded.adapter.blocks(loaded.model))
     for row in new:
         row.update(method=config.label, rounding=config.rounding_method,
@@ -144,27 +149,39 @@ def main(argv: list[str] | None = None) -> None:
         # inverse at once crashed with "lazy wrapper should be called at most once" (H100, 2026-11-24)
         torch.linalg.inv_ex(torch.eye(2, device=args.device, dtype=torch.float64))
         torch.linalg.cholesky_ex(torch.eye(2, device=args.device, dtype=torch.float64))
-    # TF32 alone or in threads with --tf32; threads otherwise keep full float32 (the switch is process-wide)
+    # Alone, a run switches TF32 on for its own calibration. In threads the switch is process-wide, so it is set here
+    # once: TF32 for every run with --tf32 (evaluation then waits for the last calibration), full float32 otherwise.
     tf32 = args.tf32 or not parallel
-    deferred = parallel and args.tf32  # evaluation waits until no run calibrates in TF32 any more
+    deferred = parallel and args.tf32
 
     def job(config: QuantConfig):
-        cal = calibrate_one(fp, config, args, parallel, tf32=None if deferred else tf32)
+        cal = calibrate_one(fp, config, args, parallel, tf32=None if parallel else True)
         return cal if deferred else evaluate_one(cal, args, options, parallel, tf32)
 
     previous = torch.get_float32_matmul_precision()
-    if deferred:
-        torch.set_float32_matmul_precision("high")
+    if parallel:
+        torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
+    calibrated, errors = [], []
     try:
         with ThreadPoolExecutor(args.parallel) as pool:
-            finished = as_completed([pool.submit(job, c) for c in configs])
-            calibrated = [f.result() for f in finished] if deferred else [record(f.result()) for f in finished]
+            for future in as_completed([pool.submit(job, c) for c in configs]):
+                try:
+                    result = future.result()
+                except Exception as err:  # the other runs go on and are recorded; the first error is raised at the end
+                    traceback.print_exception(err)
+                    errors.append(err)
+                    continue
+                if deferred:
+                    calibrated.append(result)
+                else:
+                    record(result)
     finally:
         torch.set_float32_matmul_precision(previous)
-    if deferred:  # evaluated at the process's own precision, as the runs in the other modes are
-        for cal in calibrated:
-            record(evaluate_one(cal, args, options, parallel, tf32))
+    for cal in calibrated:  # deferred runs, evaluated at the process's own precision as the runs of the other modes
+        record(evaluate_one(cal, args, options, parallel, tf32))
     print_markdown(["method", "config", "wikitext2 ppl", "s/block", "peak GPU GiB"], lines)
+    if errors:
+        raise errors[0]
 
 
 if __name__ == "__main__":

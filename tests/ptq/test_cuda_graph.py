@@ -87,3 +87,30 @@ def test_graph_memory_does_not_grow_block_after_block(tiny_tokenizer, caplog):
     reserved = [e.gpu_reserved_gib for e in logs]
     assert all(r is not None for r in reserved)
     assert reserved[-1] - reserved[1] < 4 / 1024, reserved  # less than one 2 MiB segment per block after the first
+
+
+def test_a_failed_capture_leaves_later_blocks_graphed(tiny_tokenizer, monkeypatch, caplog):
+    """A capture broken by a host sync (block 0) falls back to eager for that block only: the shared pool is dropped,
+    so the next block's capture does not trip over the dead one's pool."""
+    import logging
+
+    import lowbit.ptq.engine as engine
+
+    caplog.set_level(logging.WARNING, logger="lowbit.ptq.step")
+    original, broken = engine.block_loss, []
+
+    def syncing_loss(out, target):
+        loss = original(out, target)
+        if not broken and torch.cuda.is_current_stream_capturing():
+            broken.append(True)
+            loss.item()  # a host sync inside a capture invalidates it, as an uncapturable op would
+        return loss
+
+    monkeypatch.setattr(engine, "block_loss", syncing_loss)
+    config = QuantConfig(method="omniquant", wbits=4, abits=4, nsamples=4, seqlen=32, epochs=2, seed=1)
+    loaded = LoadedModel(make_tiny_model("llama"), tiny_tokenizer, adapter_for("llama"), "llama")
+    windows = calibration_windows(tiny_tokenizer, config.calib_data, config.nsamples, config.seqlen, config.seed)
+    logs = calibrate(loaded, config, plan_for(config), CalibOptions(epochs=2, device="cuda", progress=False), windows)
+    assert broken and "calibrating eagerly" in caplog.text
+    assert [e.cuda_graph for e in logs] == [False, True]
+    assert all(e.loss_after == e.loss_after for e in logs)

@@ -1,40 +1,80 @@
 """benchmarks/ptq_table.py end to end on a tiny model: runs in threads (with TF32 deferred evaluation) give the
-same numbers as runs one after another."""
+same numbers as runs one after another, calibrate and evaluate at the precision they should, and one failing run
+does not lose the others."""
 
 import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def _table_main():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from ptq_table import main
-    finally:
-        sys.path.pop(0)
-    return main
+@pytest.fixture
+def table(monkeypatch):
+    """The benchmark module, with ``quantize`` and the evaluation recording the process-wide matmul precision (and
+    the ``tf32`` argument) each call sees: TF32 does nothing on a CPU, so the numbers alone cannot show it."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import ptq_table
+
+    seen = {"calibrate": [], "evaluate": []}
+    quantize, evaluate = ptq_table.quantize, ptq_table.eval_and_record
+
+    def recording_quantize(loaded, config, **kwargs):
+        seen["calibrate"].append((config.label, torch.get_float32_matmul_precision(), kwargs.get("tf32")))
+        if config.label == "smoothquant" and getattr(ptq_table, "_fail_smoothquant", False):
+            raise RuntimeError("injected failure")
+        return quantize(loaded, config, **kwargs)
+
+    def recording_evaluate(*args, **kwargs):
+        seen["evaluate"].append(torch.get_float32_matmul_precision())
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(ptq_table, "quantize", recording_quantize)
+    monkeypatch.setattr(ptq_table, "eval_and_record", recording_evaluate)
+    ptq_table.seen = seen
+    yield ptq_table
+    sys.modules.pop("ptq_table", None)
 
 
-def test_threaded_tf32_runs_match_sequential_runs(tmp_path, tiny_model_dir):
-    main = _table_main()
-    common = ["--model", str(tiny_model_dir("llama")), "--device", "cpu", "--runs",
-              "omniquant:W4A16,affinequant:W3A16g32", "--nsamples", "2", "--seqlen", "32", "--epochs", "1",
-              "--limit", "2", "--eval-seqlen", "64"]
+def _common(tiny_model_dir, runs="omniquant:W4A16,affinequant:W3A16g32"):
+    return ["--model", str(tiny_model_dir("llama")), "--device", "cpu", "--runs", runs, "--nsamples", "2",
+            "--seqlen", "32", "--epochs", "1", "--limit", "2", "--eval-seqlen", "64"]
+
+
+def _values(path):
+    return {r["name"]: (r["value"], r["recipe"]["tf32"], r["concurrent_runs"]) for r in json.loads(path.read_text())}
+
+
+def test_threaded_tf32_runs_match_sequential_runs(tmp_path, tiny_model_dir, table):
     before = torch.get_float32_matmul_precision()
-    main(common + ["--out", str(tmp_path / "seq.json")])
-    main(common + ["--parallel", "2", "--tf32", "--out", str(tmp_path / "par.json")])
-    assert torch.get_float32_matmul_precision() == before  # the process-wide switch is restored
+    table.main(_common(tiny_model_dir) + ["--out", str(tmp_path / "seq.json")])
+    assert [s[1:] for s in table.seen["calibrate"]] == [(before, True)] * 2  # alone: the engine switches TF32 itself
+    table.seen["calibrate"].clear()
+    table.seen["evaluate"].clear()
+    table.main(_common(tiny_model_dir) + ["--parallel", "2", "--tf32", "--out", str(tmp_path / "par.json")])
+    assert [s[1:] for s in table.seen["calibrate"]] == [("high", None)] * 2  # threads: TF32 set once, for all
+    assert table.seen["evaluate"] == [before] * 2  # evaluated after the switch is back
+    assert torch.get_float32_matmul_precision() == before
 
-    def values(name):
-        rows = json.loads((tmp_path / name).read_text())
-        return {r["name"]: (r["value"], r["recipe"]["tf32"], r["concurrent_runs"]) for r in rows}
-
-    seq, par = values("seq.json"), values("par.json")
+    seq, par = _values(tmp_path / "seq.json"), _values(tmp_path / "par.json")
     assert len(seq) == 2 and seq.keys() == par.keys()
     for key in seq:
         assert abs(seq[key][0] - par[key][0]) <= 1e-4 * seq[key][0], key
         assert seq[key][1:] == (True, 1) and par[key][1:] == (True, 2)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_a_failing_run_keeps_the_others(tmp_path, tiny_model_dir, table, tf32):
+    table._fail_smoothquant = True
+    before = torch.get_float32_matmul_precision()
+    out = tmp_path / "out.json"
+    argv = _common(tiny_model_dir, "smoothquant:W4A16,omniquant:W4A16") + ["--parallel", "2", "--out", str(out)]
+    with pytest.raises(RuntimeError, match="injected failure"):
+        table.main(argv + (["--tf32"] if tf32 else []))
+    assert list(_values(out)) == ["omniquant W4A16"]
+    assert torch.get_float32_matmul_precision() == before
+    if not tf32:  # threads without --tf32 calibrate in full float32, set once for all of them
+        assert {s[1:] for s in table.seen["calibrate"]} == {("highest", None)}

@@ -37,6 +37,11 @@ class GraphPool:
     def keep(self, graph: torch.cuda.CUDAGraph) -> None:
         self._last = graph
 
+    def forget(self) -> None:
+        """After a failed capture: the allocator may still route that pool to the dead capture (torch <= 2.13 ends
+        the stream capture before the pool's allocation), so the next graph starts a fresh pool."""
+        self._last = None
+
 
 class CalibStep:
     """``step(x, target, aug)`` runs forward, loss, backward and one AdamW update; losses accumulate in ``total``."""
@@ -112,6 +117,8 @@ class CalibStep:
             log.warning("CUDA graph capture failed (%s); calibrating eagerly", str(err).splitlines()[0])
             torch.cuda.current_stream().synchronize()
             self._failed, self._graph = True, None
+            if self._pool is not None:
+                self._pool.forget()
             self._undo_warmup(snapshot)
             self.optimiser.zero_grad(set_to_none=True)
 
