@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from lowbit import QuantConfig, load_model, quantize
+from lowbit.config import GPTQ_GRIDS
 from lowbit.eval import EvalOptions
 from lowbit.ptq.recipes import default_epochs
 from lowbit.report import eval_and_record, print_markdown, write_json
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                         "calibrate first and are evaluated in full float32 once the last one ends)")
     p.add_argument("--checkpoint-dir", type=Path, default=None,
                    help="per-block checkpoints (one subfolder per run): a killed run resumes where it stopped")
-    p.add_argument("--gptq-grid", default="minmax", choices=("minmax", "mse"),
+    p.add_argument("--gptq-grid", default="minmax", choices=GPTQ_GRIDS,
                    help="grid of gptq:... runs (runs after a calibrating method use its learnt clipping)")
     p.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ rounds columns in decreasing Hessian diagonal (default on)")

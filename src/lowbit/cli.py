@@ -92,7 +92,7 @@ def _add_inference_parsers(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
-    from lowbit.config import METHODS
+    from lowbit.config import GPTQ_GRIDS, METHODS, ROUNDINGS
 
     parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit transformers: quantize, evaluate, run, export.")
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
@@ -118,11 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sf", type=float, default=None, help="AffineQuant stability factor (default 0.1 with activation quantization, else 0.01)")
     c.add_argument("--aug-loss", action="store_true", help="also match the FP block on the quantized inputs")
     c.add_argument("--norm-matrices", action="store_true", help="AffineQuant: full matrices after the norms (kept as online ops)")
-    c.add_argument("--rounding", default=None, choices=("rtn", "gptq"),
+    c.add_argument("--rounding", default=None, choices=ROUNDINGS,
                    help="final rounding of the weights (weight-only): gptq rounds the calibrated weights by GPTQ on "
                         "the grid the method learnt (default: the method's own; --method gptq is GPTQ alone). It helped "
                         "short calibrations but made a 20-epoch AffineQuant W3 worse (BENCHMARKS.md)")
-    c.add_argument("--gptq-grid", default="minmax", choices=("minmax", "mse"),
+    c.add_argument("--gptq-grid", default="minmax", choices=GPTQ_GRIDS,
                    help="GPTQ's grid where no clipping was learnt: min-max or an MSE clip search (default minmax)")
     c.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ rounds columns in decreasing Hessian diagonal (default on)")

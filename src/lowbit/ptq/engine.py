@@ -2,7 +2,8 @@
 
 capture block-0 inputs → for each block: full-precision targets → initialise the method's transforms → optimise
 MSE(quantized block, targets) → merge into the weights → round them (to nearest on the learnt grid, or by GPTQ on
-the same grid: ``lowbit.ptq.rounding``) → quantized outputs feed the next block → save the block (resume). Blocks not being calibrated stay on the CPU. One host sync per epoch (the loss check), none per step.
+the same grid: ``lowbit.ptq.rounding``) → quantized outputs feed the next block → save the block (resume). Blocks
+not being calibrated stay on the CPU. One host sync per epoch (the loss check), none per step.
 """
 
 from __future__ import annotations

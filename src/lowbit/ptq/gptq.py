@@ -26,7 +26,6 @@ import torch
 from lowbit.quant.quantizer import QuantSpec, quantize
 
 log = logging.getLogger(__name__)
-GRIDS = ("minmax", "mse")
 MSE_GRID, MSE_MAX_SHRINK, MSE_NORM = 100, 0.8, 2.4  # the GPTQ reference's clip search (its ``mse=True`` defaults)
 
 
@@ -119,7 +118,8 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
             if int(info) == 0:
                 return upper
-    raise RuntimeError("GPTQ: the layer-input Hessian is not positive definite even with 10x damping")
+    raise RuntimeError(f"GPTQ: the layer-input Hessian is not positive definite even with damping {damp * 1000:.3g} "
+                       "of its mean diagonal")
 
 
 @torch.no_grad()

@@ -68,7 +68,7 @@ def lsq_init(v: torch.Tensor, qmax: int, dim: int | None = None) -> torch.Tensor
 
 
 MSE_POINTS, MSE_OCTAVES = 80, 10  # candidate clipping points, geometric from absmax / 2^10 up to absmax
-MSE_SAMPLE = 1 << 20  # elements a per-tensor search looks at (an even stride through the tensor)
+MSE_SAMPLE = 1 << 20  # about the elements a per-tensor search looks at (whole rows, an even stride through them)
 
 
 def mse_init(v: torch.Tensor, qmin: int, qmax: int, dim: int | None = None) -> torch.Tensor:
