@@ -92,7 +92,7 @@ def _add_inference_parsers(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
-    from lowbit.config import GPTQ_GRIDS, METHODS, ROUNDINGS
+    from lowbit.config import GPTQ_GRIDS, METHODS, ROUNDINGS, SCALE_INITS
 
     parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit transformers: quantize, evaluate, run, export.")
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--let-lr", type=float, default=5e-3, help="learning rate of scales, shifts and matrices")
     c.add_argument("--lwc-lr", type=float, default=1e-2, help="learning rate of the weight clipping")
     c.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength of the initial scales")
+    c.add_argument("--scale-init", default=None, choices=SCALE_INITS,
+                   help="start of the learnt scales: SmoothQuant's (default) or the identity (the plain model)")
     c.add_argument("--sf", type=float, default=None, help="AffineQuant stability factor (default 0.1 with activation quantization, else 0.01)")
     c.add_argument("--aug-loss", action="store_true", help="also match the FP block on the quantized inputs")
     c.add_argument("--norm-matrices", action="store_true", help="AffineQuant: full matrices after the norms (kept as online ops)")
@@ -177,7 +179,7 @@ def _run_quantize(args) -> int:
     config = QuantConfig(method=args.method, wbits=args.wbits, abits=args.abits, group_size=args.group_size,
                          nsamples=args.nsamples, seqlen=args.calib_seqlen, calib_data=args.calib_data, seed=args.seed,
                          epochs=args.epochs, batch_size=args.calib_batch_size, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
-                         alpha=args.alpha, sf=args.sf, aug_loss=args.aug_loss, norm_matrices=args.norm_matrices,
+                         alpha=args.alpha, sf=args.sf, scale_init=args.scale_init, aug_loss=args.aug_loss, norm_matrices=args.norm_matrices,
                          rounding=args.rounding, gptq_grid=args.gptq_grid, gptq_act_order=args.gptq_act_order)
     if args.output.exists() and not args.overwrite:
         raise LowbitError(f"output {args.output} already exists; choose another --output or pass --overwrite")

@@ -16,9 +16,10 @@ FLOAT_BITS = 16
 METHODS = ("rtn", "smoothquant", "omniquant", "affinequant", "gptq")
 ROUNDINGS = ("rtn", "gptq")
 GPTQ_GRIDS = ("minmax", "mse")
+SCALE_INITS = ("smoothquant", "identity")  # where learnt transforms start (see lowbit.ptq.recipes)
 # Fields added after the first release: written out only when they differ from their defaults, so the checkpoint
 # manifests of runs started before them still match (resume) and older readers still load plain configs.
-_LATER_FIELDS = ("rounding", "gptq_grid", "gptq_act_order", "gptq_damp", "gptq_block_size")
+_LATER_FIELDS = ("scale_init", "rounding", "gptq_grid", "gptq_act_order", "gptq_damp", "gptq_block_size")
 
 
 def _check_bits(name: str, value: Any) -> None:
@@ -52,6 +53,9 @@ class QuantConfig:
     sf: float | None = None
     aug_loss: bool = False
     norm_matrices: bool = False
+    # start of the learnt scales: SmoothQuant's amax^alpha / wmax^(1-alpha), or the identity (the transformed
+    # model starts as the plain one, where a LWC-only method starts); None: the method's default (recipes)
+    scale_init: str | None = None
     # final rounding of the weights: None is the method's own (GPTQ for ``gptq``, round-to-nearest otherwise);
     # "gptq" after a calibrating method rounds its merged weights by GPTQ on the grid it learnt (weight-only)
     rounding: str | None = None
@@ -74,6 +78,8 @@ class QuantConfig:
             raise LowbitError(f"--epochs must be 0 or more, got {self.epochs}")
         if not 0.0 <= self.alpha <= 1.0:
             raise LowbitError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.scale_init not in (None, *SCALE_INITS):
+            raise LowbitError(f"--scale-init must be one of {', '.join(SCALE_INITS)}, got {self.scale_init!r}")
         self._check_rounding()
 
     def _check_rounding(self) -> None:

@@ -172,3 +172,27 @@ def test_each_block_frees_its_calibration_objects(method, tiny_tokenizer, monkey
     finally:
         if was_enabled:
             gc.enable()
+
+
+def test_identity_scale_init_starts_where_clipping_alone_starts(tiny_tokenizer):
+    """AffineQuant from the identity starts at OmniQuant's weight-only (LWC-only) block loss; from SmoothQuant's
+    scales it does not (at 2 bits those scales cost it, BENCHMARKS.md)."""
+    first = {}
+    for name, kw in {"omni": dict(method="omniquant"), "identity": dict(scale_init="identity"), "smooth": {}}.items():
+        loaded = tiny_loaded("llama", tiny_tokenizer)
+        quantize(loaded, config(**{"wbits": 2, "abits": 16, "group_size": 16, "epochs": 1, **kw}), progress=False)
+        first[name] = loaded.calibration_log[0].loss_before
+    assert first["identity"] == pytest.approx(first["omni"], rel=1e-5)
+    assert first["smooth"] != pytest.approx(first["omni"], rel=1e-3)
+
+
+def test_scale_init_is_checked_and_recorded_only_when_not_the_default(tmp_path, tiny_tokenizer):
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError, match="--scale-init must be one of"):
+        config(scale_init="ones")
+    for init, sub in ((None, "default"), ("identity", "identity")):
+        quantize(tiny_loaded("llama", tiny_tokenizer), config(epochs=1, scale_init=init),
+                 checkpoint_dir=tmp_path / sub, progress=False)
+    assert "scale_init" not in json.loads((tmp_path / "default" / "manifest.json").read_text())["plan"]
+    assert json.loads((tmp_path / "identity" / "manifest.json").read_text())["plan"]["scale_init"] == "identity"

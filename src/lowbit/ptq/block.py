@@ -9,7 +9,7 @@ op (``OnlineTransform``) that is saved and reloaded with the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -33,6 +33,15 @@ class TransformPlan:
     lwc: bool = False  # learnable weight clipping
     alpha: float = 0.5  # SmoothQuant migration strength for the initial scales
     sf: float = 1e-2  # AffineQuant stability factor (off-diagonal weight in the gradual mask)
+    scale_init: str = "smoothquant"  # or "identity": every transform starts at T = I (shifts keep their init)
+
+    def to_dict(self) -> dict:
+        """The plan as checkpoint manifests record it; ``scale_init`` only when it is not the default, so the
+        checkpoints of runs from before it existed still resume."""
+        data = asdict(self)
+        if self.scale_init == "smoothquant":
+            del data["scale_init"]
+        return data
 
 
 class OnlineTransform(nn.Module):
@@ -127,6 +136,8 @@ class BlockCalibration(nn.Module):
             shift = (xmax + xmin) / 2 if self.plan.shifts and self._can_shift(pair) else None
             if shift is not None:
                 scale = ((xmax - xmin) / 2).clamp(min=1e-5).pow(self.plan.alpha) / wmax.clamp(min=1e-5).pow(1 - self.plan.alpha)
+            if self.plan.scale_init == "identity":
+                scale = torch.ones_like(scale)
             use_matrix = self.plan.matrices if per_head else self.plan.norm_matrices
             self.transforms[str(i)] = PairTransform(
                 scale.clamp(min=1e-5), block=h.head_dim if per_head else None, use_matrix=use_matrix, shift=shift, sf=self.plan.sf

@@ -21,13 +21,20 @@ def plan_for(config: QuantConfig) -> TransformPlan:
         return TransformPlan()
     if config.method == "smoothquant":
         return TransformPlan(scales=True, alpha=config.alpha)
+    init = default_scale_init(config)
     if config.method == "omniquant":
-        return TransformPlan(scales=quant_acts, shifts=quant_acts, lwc=config.wbits < 16, alpha=config.alpha)
+        return TransformPlan(scales=quant_acts, shifts=quant_acts, lwc=config.wbits < 16, alpha=config.alpha,
+                             scale_init=init)
     if config.method == "affinequant":
         sf = config.sf if config.sf is not None else (0.1 if quant_acts else 1e-2)
         return TransformPlan(scales=True, shifts=quant_acts, matrices=True, norm_matrices=config.norm_matrices,
-                             lwc=config.wbits < 16, alpha=config.alpha, sf=sf)
+                             lwc=config.wbits < 16, alpha=config.alpha, sf=sf, scale_init=init)
     raise ValueError(f"{config.method} is not a calibrating method")
+
+
+def default_scale_init(config: QuantConfig) -> str:
+    """Where the learnt scales start: SmoothQuant's, as the papers do, unless ``config.scale_init`` says."""
+    return config.scale_init or "smoothquant"
 
 
 def default_epochs(config: QuantConfig) -> int:
