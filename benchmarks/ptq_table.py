@@ -28,7 +28,7 @@ import torch
 from lowbit import QuantConfig, load_model, quantize
 from lowbit.config import GPTQ_GRIDS, SCALE_INITS
 from lowbit.eval import EvalOptions
-from lowbit.ptq.recipes import default_epochs, plan_for
+from lowbit.ptq.recipes import default_epochs, default_let_lr, plan_for
 from lowbit.report import eval_and_record, print_markdown, write_json
 
 
@@ -44,8 +44,7 @@ def parse_run(text: str, args) -> QuantConfig:
                        nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, batch_size=args.batch_size,
                        seed=args.seed, rounding=rounding or None, gptq_grid=getattr(args, "gptq_grid", "minmax"),
                        gptq_act_order=getattr(args, "gptq_act_order", True),
-                       scale_init=getattr(args, "scale_init", None),
-                       **({"let_lr": args.let_lr} if getattr(args, "let_lr", None) else {}))
+                       scale_init=getattr(args, "scale_init", None), let_lr=getattr(args, "let_lr", None))
 
 
 @dataclass
@@ -98,7 +97,7 @@ def evaluate_one(cal: Calibrated, args, options: EvalOptions, parallel: bool, tf
                    peak_gpu_scope="whole process, all concurrent runs" if parallel else "this run",
                    gpu_allocated_gib_per_block=[e.gpu_allocated_gib for e in loaded.calibration_log or []],
                    eager_blocks=[e.block for e in loaded.calibration_log or [] if e.cuda_graph is False],
-                   recipe={"nsamples": config.nsamples, "seqlen": config.seqlen, "let_lr": config.let_lr,
+                   recipe={"nsamples": config.nsamples, "seqlen": config.seqlen, "let_lr": default_let_lr(config),
                            "lwc_lr": config.lwc_lr, "scale_init": plan_for(config).scale_init,
                            "epochs": default_epochs(config), "batch_size": config.batch_size, "tf32": tf32})
     line = (f"| {config.label} | {config.name} | {new[0]['value']:.3f} | {cal.seconds / blocks:.2f} | "
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="per-block checkpoints (one subfolder per run): a killed run resumes where it stopped")
     p.add_argument("--scale-init", default=None, choices=SCALE_INITS,
                    help="start of the learnt scales of every run (default: each method's own)")
-    p.add_argument("--let-lr", type=float, default=None, help="learning rate of scales and matrices (default 5e-3)")
+    p.add_argument("--let-lr", type=float, default=None, help="learning rate of scales and matrices (default: the recipe's)")
     p.add_argument("--gptq-grid", default="minmax", choices=GPTQ_GRIDS,
                    help="grid of gptq:... runs (runs after a calibrating method use its learnt clipping)")
     p.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=True,

@@ -47,7 +47,7 @@ class QuantConfig:
     # calibration recipe (methods that learn); None picks the method's default
     epochs: int | None = None
     batch_size: int = 1
-    let_lr: float = 5e-3
+    let_lr: float | None = None  # None: the recipe's (lowbit.ptq.recipes.default_let_lr)
     lwc_lr: float = 1e-2
     alpha: float = 0.5
     sf: float | None = None
@@ -78,6 +78,8 @@ class QuantConfig:
             raise LowbitError(f"--epochs must be 0 or more, got {self.epochs}")
         if not 0.0 <= self.alpha <= 1.0:
             raise LowbitError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.let_lr is not None and not self.let_lr > 0:
+            raise LowbitError(f"--let-lr must be positive, got {self.let_lr}")
         if self.scale_init not in (None, *SCALE_INITS):
             raise LowbitError(f"--scale-init must be one of {', '.join(SCALE_INITS)}, got {self.scale_init!r}")
         self._check_rounding()

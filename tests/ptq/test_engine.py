@@ -178,7 +178,7 @@ def test_identity_scale_init_starts_where_clipping_alone_starts(tiny_tokenizer):
     """AffineQuant from the identity starts at OmniQuant's weight-only (LWC-only) block loss; from SmoothQuant's
     scales it does not (at 2 bits those scales cost it, BENCHMARKS.md)."""
     first = {}
-    for name, kw in {"omni": dict(method="omniquant"), "identity": dict(scale_init="identity"), "smooth": {}}.items():
+    for name, kw in {"omni": dict(method="omniquant"), "identity": dict(scale_init="identity"), "smooth": dict(scale_init="smoothquant")}.items():
         loaded = tiny_loaded("llama", tiny_tokenizer)
         quantize(loaded, config(**{"wbits": 2, "abits": 16, "group_size": 16, "epochs": 1, **kw}), progress=False)
         first[name] = loaded.calibration_log[0].loss_before
@@ -196,3 +196,14 @@ def test_scale_init_is_checked_and_recorded_only_when_not_the_default(tmp_path, 
                  checkpoint_dir=tmp_path / sub, progress=False)
     assert "scale_init" not in json.loads((tmp_path / "default" / "manifest.json").read_text())["plan"]
     assert json.loads((tmp_path / "identity" / "manifest.json").read_text())["plan"]["scale_init"] == "identity"
+
+
+def test_two_bit_weight_only_recipe_starts_at_the_identity_with_a_smaller_step():
+    from lowbit.ptq.recipes import default_let_lr, default_scale_init, plan_for
+
+    w2, w3, w2a4 = (QuantConfig(method="affinequant", wbits=w, abits=a, group_size=64) for w, a in ((2, 16), (3, 16), (2, 4)))
+    assert (default_scale_init(w2), default_let_lr(w2), plan_for(w2).scale_init) == ("identity", 1e-3, "identity")
+    for other in (w3, w2a4):
+        assert (default_scale_init(other), default_let_lr(other)) == ("smoothquant", 5e-3)
+    mine = QuantConfig(method="affinequant", wbits=2, group_size=64, scale_init="smoothquant", let_lr=5e-3)
+    assert (default_scale_init(mine), default_let_lr(mine)) == ("smoothquant", 5e-3)

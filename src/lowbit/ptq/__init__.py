@@ -13,7 +13,7 @@ from lowbit.config import QuantConfig
 from lowbit.data.texts import calibration_windows
 from lowbit.models.loading import LoadedModel
 from lowbit.ptq.engine import CalibOptions, calibrate
-from lowbit.ptq.recipes import default_epochs, plan_for
+from lowbit.ptq.recipes import default_epochs, default_let_lr, plan_for
 from lowbit.ptq.rtn import quantize_rtn
 from lowbit.ptq.wrap import wrap_linears
 
@@ -35,7 +35,7 @@ def quantize(loaded: LoadedModel, config: QuantConfig, device: str | None = None
                 config.weight_spec.check_width(lin.in_features, what=name)
     device = device or str(next(loaded.model.parameters()).device)
     windows = calibration_windows(loaded.tokenizer, config.calib_data, config.nsamples, config.seqlen, config.seed)
-    options = CalibOptions(epochs=default_epochs(config), batch_size=config.batch_size, let_lr=config.let_lr,
+    options = CalibOptions(epochs=default_epochs(config), batch_size=config.batch_size, let_lr=default_let_lr(config),
                            lwc_lr=config.lwc_lr, aug_loss=config.aug_loss, device=device,
                            checkpoint_dir=checkpoint_dir, progress=progress, tf32=tf32)
     loaded.calibration_log = calibrate(loaded, config, plan_for(config), options, windows)

@@ -32,9 +32,26 @@ def plan_for(config: QuantConfig) -> TransformPlan:
     raise ValueError(f"{config.method} is not a calibrating method")
 
 
+def _two_bit_weights_only(config: QuantConfig) -> bool:
+    return config.wbits <= 2 and config.abits >= 16
+
+
 def default_scale_init(config: QuantConfig) -> str:
-    """Where the learnt scales start: SmoothQuant's, as the papers do, unless ``config.scale_init`` says."""
-    return config.scale_init or "smoothquant"
+    """Where the learnt scales start unless ``config.scale_init`` says: SmoothQuant's, as the papers do, except for
+    2-bit weight-only, where they start at the identity (see ``default_let_lr``)."""
+    if config.scale_init is not None:
+        return config.scale_init
+    return "identity" if _two_bit_weights_only(config) else "smoothquant"
+
+
+def default_let_lr(config: QuantConfig) -> float:
+    """The transforms' learning rate unless ``config.let_lr`` says: the papers' 5e-3, except 1e-3 for 2-bit
+    weight-only. There SmoothQuant's scales, made for quantized activations, move weight outliers into 2-bit
+    groups, and 5e-3 is a noisy step: AffineQuant W2A16 g64 on SmolLM2 (paper recipe, H100) reached 112.1 this way,
+    worse than OmniQuant's clipping alone (104.6); from the identity at 1e-3 it reached 99.4 (BENCHMARKS.md)."""
+    if config.let_lr is not None:
+        return config.let_lr
+    return 1e-3 if _two_bit_weights_only(config) else 5e-3
 
 
 def default_epochs(config: QuantConfig) -> int:
