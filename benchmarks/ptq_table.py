@@ -44,7 +44,15 @@ def parse_run(text: str, args) -> QuantConfig:
                        nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, batch_size=args.batch_size,
                        seed=args.seed, rounding=rounding or None, gptq_grid=getattr(args, "gptq_grid", "minmax"),
                        gptq_act_order=getattr(args, "gptq_act_order", True),
-                       scale_init=getattr(args, "scale_init", None), let_lr=getattr(args, "let_lr", None))
+                       scale_init=getattr(args, "scale_init", None) if method in ("omniquant", "affinequant") else None,
+                       let_lr=getattr(args, "let_lr", None))
+
+
+def _learning(config: QuantConfig) -> dict:
+    """What the run's transforms learnt with (nothing for rtn, which learns nothing)."""
+    if config.method == "rtn":
+        return {}
+    return {"let_lr": default_let_lr(config), "lwc_lr": config.lwc_lr, "scale_init": plan_for(config).scale_init}
 
 
 @dataclass
@@ -97,8 +105,7 @@ def evaluate_one(cal: Calibrated, args, options: EvalOptions, parallel: bool, tf
                    peak_gpu_scope="whole process, all concurrent runs" if parallel else "this run",
                    gpu_allocated_gib_per_block=[e.gpu_allocated_gib for e in loaded.calibration_log or []],
                    eager_blocks=[e.block for e in loaded.calibration_log or [] if e.cuda_graph is False],
-                   recipe={"nsamples": config.nsamples, "seqlen": config.seqlen, "let_lr": default_let_lr(config),
-                           "lwc_lr": config.lwc_lr, "scale_init": plan_for(config).scale_init,
+                   recipe={"nsamples": config.nsamples, "seqlen": config.seqlen, **_learning(config),
                            "epochs": default_epochs(config), "batch_size": config.batch_size, "tf32": tf32})
     line = (f"| {config.label} | {config.name} | {new[0]['value']:.3f} | {cal.seconds / blocks:.2f} | "
             f"{'-' if cal.peak is None else f'{cal.peak:.2f}'} |")
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint-dir", type=Path, default=None,
                    help="per-block checkpoints (one subfolder per run): a killed run resumes where it stopped")
     p.add_argument("--scale-init", default=None, choices=SCALE_INITS,
-                   help="start of the learnt scales of every run (default: each method's own)")
+                   help="start of the learnt scales of the omniquant / affinequant runs (default: the recipe's)")
     p.add_argument("--let-lr", type=float, default=None, help="learning rate of scales and matrices (default: the recipe's)")
     p.add_argument("--gptq-grid", default="minmax", choices=GPTQ_GRIDS,
                    help="grid of gptq:... runs (runs after a calibrating method use its learnt clipping)")

@@ -6,6 +6,7 @@ A ``LowbitError`` (bad input) prints one line on stderr and exits with code 2; n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -175,6 +176,7 @@ def _eval_options(args, device: str):
 
 def _run_quantize(args) -> int:
     from lowbit import QuantConfig, load_model, quantize, save_quantized
+    from lowbit.ptq.recipes import default_let_lr
     from lowbit.eval import check_tasks
     from lowbit.report import eval_and_record, print_table, write_json
 
@@ -183,6 +185,7 @@ def _run_quantize(args) -> int:
                          epochs=args.epochs, batch_size=args.calib_batch_size, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
                          alpha=args.alpha, sf=args.sf, scale_init=args.scale_init, aug_loss=args.aug_loss, norm_matrices=args.norm_matrices,
                          rounding=args.rounding, gptq_grid=args.gptq_grid, gptq_act_order=args.gptq_act_order)
+    config = dataclasses.replace(config, let_lr=default_let_lr(config))  # quantization.json records the rate used
     if args.output.exists() and not args.overwrite:
         raise LowbitError(f"output {args.output} already exists; choose another --output or pass --overwrite")
     if args.format == "packed" and config.weight_spec is None:

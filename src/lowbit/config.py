@@ -53,8 +53,8 @@ class QuantConfig:
     sf: float | None = None
     aug_loss: bool = False
     norm_matrices: bool = False
-    # start of the learnt scales: SmoothQuant's amax^alpha / wmax^(1-alpha), or the identity (the transformed
-    # model starts as the plain one, where a LWC-only method starts); None: the method's default (recipes)
+    # start of the learnt scales: SmoothQuant's amax^alpha / wmax^(1-alpha), or the identity (the weights start
+    # as the plain model's, where a LWC-only method starts; shifts keep their own start); None: the recipe's
     scale_init: str | None = None
     # final rounding of the weights: None is the method's own (GPTQ for ``gptq``, round-to-nearest otherwise);
     # "gptq" after a calibrating method rounds its merged weights by GPTQ on the grid it learnt (weight-only)
@@ -82,6 +82,9 @@ class QuantConfig:
             raise LowbitError(f"--let-lr must be positive, got {self.let_lr}")
         if self.scale_init not in (None, *SCALE_INITS):
             raise LowbitError(f"--scale-init must be one of {', '.join(SCALE_INITS)}, got {self.scale_init!r}")
+        if self.scale_init is not None and self.method not in ("omniquant", "affinequant"):
+            raise LowbitError(f"--scale-init applies to the methods that learn scales (omniquant, affinequant), "
+                              f"not {self.method}; drop it")
         self._check_rounding()
 
     def _check_rounding(self) -> None:

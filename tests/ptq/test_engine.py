@@ -191,6 +191,8 @@ def test_scale_init_is_checked_and_recorded_only_when_not_the_default(tmp_path, 
 
     with pytest.raises(LowbitError, match="--scale-init must be one of"):
         config(scale_init="ones")
+    with pytest.raises(LowbitError, match="methods that learn scales"):
+        config("smoothquant", scale_init="identity")
     for init, sub in ((None, "default"), ("identity", "identity")):
         quantize(tiny_loaded("llama", tiny_tokenizer), config(epochs=1, scale_init=init),
                  checkpoint_dir=tmp_path / sub, progress=False)
@@ -198,12 +200,31 @@ def test_scale_init_is_checked_and_recorded_only_when_not_the_default(tmp_path, 
     assert json.loads((tmp_path / "identity" / "manifest.json").read_text())["plan"]["scale_init"] == "identity"
 
 
-def test_two_bit_weight_only_recipe_starts_at_the_identity_with_a_smaller_step():
+def test_two_bit_weight_only_recipe_starts_at_the_identity_with_a_smaller_step(tiny_tokenizer, monkeypatch):
     from lowbit.ptq.recipes import default_let_lr, default_scale_init, plan_for
 
     w2, w3, w2a4 = (QuantConfig(method="affinequant", wbits=w, abits=a, group_size=64) for w, a in ((2, 16), (3, 16), (2, 4)))
     assert (default_scale_init(w2), default_let_lr(w2), plan_for(w2).scale_init) == ("identity", 1e-3, "identity")
-    for other in (w3, w2a4):
-        assert (default_scale_init(other), default_let_lr(other)) == ("smoothquant", 5e-3)
+    omni = QuantConfig(method="omniquant", wbits=2, group_size=64)  # no scales: its recipe (and manifest) unchanged
+    for other in (w3, w2a4, omni):
+        got = default_scale_init(other), default_let_lr(other), plan_for(other).scale_init
+        assert got == ("smoothquant", 5e-3, "smoothquant")
     mine = QuantConfig(method="affinequant", wbits=2, group_size=64, scale_init="smoothquant", let_lr=5e-3)
     assert (default_scale_init(mine), default_let_lr(mine)) == ("smoothquant", 5e-3)
+
+
+def test_quantize_calibrates_with_the_recipes_rate_and_records_it_in_the_manifest(tmp_path, tiny_tokenizer, monkeypatch):
+    seen = []
+    real = engine._optimise
+
+    def spy(calib, q_in, targets, aug, kwargs, opts, **kw):
+        seen.append(opts.let_lr)
+        return real(calib, q_in, targets, aug, kwargs, opts, **kw)
+
+    monkeypatch.setattr(engine, "_optimise", spy)
+    for wbits in (2, 3):
+        quantize(tiny_loaded("llama", tiny_tokenizer), config(wbits=wbits, abits=16, group_size=16, epochs=1, let_lr=None),
+                 checkpoint_dir=tmp_path / str(wbits), progress=False)
+        manifest = json.loads((tmp_path / str(wbits) / "manifest.json").read_text())
+        assert manifest["config"]["let_lr"] == manifest["options"]["let_lr"] == {2: 1e-3, 3: 5e-3}[wbits]
+    assert seen == [1e-3, 1e-3, 5e-3, 5e-3]  # two blocks each

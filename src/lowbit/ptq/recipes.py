@@ -22,9 +22,9 @@ def plan_for(config: QuantConfig) -> TransformPlan:
     if config.method == "smoothquant":
         return TransformPlan(scales=True, alpha=config.alpha)
     init = default_scale_init(config)
-    if config.method == "omniquant":
+    if config.method == "omniquant":  # weight-only: clipping alone, no scales to start anywhere
         return TransformPlan(scales=quant_acts, shifts=quant_acts, lwc=config.wbits < 16, alpha=config.alpha,
-                             scale_init=init)
+                             scale_init=init if quant_acts else "smoothquant")
     if config.method == "affinequant":
         sf = config.sf if config.sf is not None else (0.1 if quant_acts else 1e-2)
         return TransformPlan(scales=True, shifts=quant_acts, matrices=True, norm_matrices=config.norm_matrices,
@@ -32,26 +32,27 @@ def plan_for(config: QuantConfig) -> TransformPlan:
     raise ValueError(f"{config.method} is not a calibrating method")
 
 
-def _two_bit_weights_only(config: QuantConfig) -> bool:
-    return config.wbits <= 2 and config.abits >= 16
+def _two_bit_affine_weight_only(config: QuantConfig) -> bool:
+    """The one recipe that departs from the papers (OmniQuant learns no transforms without activation bits)."""
+    return config.method == "affinequant" and config.wbits <= 2 and config.abits >= 16
 
 
 def default_scale_init(config: QuantConfig) -> str:
     """Where the learnt scales start unless ``config.scale_init`` says: SmoothQuant's, as the papers do, except for
-    2-bit weight-only, where they start at the identity (see ``default_let_lr``)."""
+    AffineQuant at 2-bit weight-only, where they start at the identity (see ``default_let_lr``)."""
     if config.scale_init is not None:
         return config.scale_init
-    return "identity" if _two_bit_weights_only(config) else "smoothquant"
+    return "identity" if _two_bit_affine_weight_only(config) else "smoothquant"
 
 
 def default_let_lr(config: QuantConfig) -> float:
-    """The transforms' learning rate unless ``config.let_lr`` says: the papers' 5e-3, except 1e-3 for 2-bit
-    weight-only. There SmoothQuant's scales, made for quantized activations, move weight outliers into 2-bit
+    """The transforms' learning rate unless ``config.let_lr`` says: the papers' 5e-3, except 1e-3 for AffineQuant
+    at 2-bit weight-only. There SmoothQuant's scales, made for quantized activations, move weight outliers into 2-bit
     groups, and 5e-3 is a noisy step: AffineQuant W2A16 g64 on SmolLM2 (paper recipe, H100) reached 112.1 this way,
     worse than OmniQuant's clipping alone (104.6); from the identity at 1e-3 it reached 99.4 (BENCHMARKS.md)."""
     if config.let_lr is not None:
         return config.let_lr
-    return 1e-3 if _two_bit_weights_only(config) else 5e-3
+    return 1e-3 if _two_bit_affine_weight_only(config) else 5e-3
 
 
 def default_epochs(config: QuantConfig) -> int:
