@@ -56,7 +56,7 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> dict:
     layers = loaded.adapter.blocks(loaded.model)
     del layers[args.blocks:]  # the first blocks only: their inputs are the model's own
     windows = calibration_windows(loaded.tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
-    config = QuantConfig(method=variant.method, wbits=args.wbits, group_size=args.group_size,
+    config = QuantConfig(method=variant.method, wbits=args.wbits, group_size=args.group_size or None,
                          scale_init=variant.scale_init, let_lr=variant.let_lr)
     plan = TransformPlan(lwc=True, scales=variant.scales, matrices=variant.matrices, sf=1e-2,
                          scale_init=variant.scale_init)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model path (default: SmolLM2-135M)")
     p.add_argument("--wbits", type=int, default=2)
-    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--group-size", type=int, default=64, help="weight group size; 0: one scale per output channel")
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
