@@ -56,8 +56,8 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> dict:
     layers = loaded.adapter.blocks(loaded.model)
     del layers[args.blocks:]  # the first blocks only: their inputs are the model's own
     windows = calibration_windows(loaded.tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
-    config = QuantConfig(method=variant.method, wbits=args.wbits, group_size=args.group_size or None,
-                         scale_init=variant.scale_init, let_lr=variant.let_lr)
+    # what is learnt and how comes from the plan and the options; the config gives the grid
+    config = QuantConfig(method=variant.method, wbits=args.wbits, group_size=args.group_size or None)
     plan = TransformPlan(lwc=True, scales=variant.scales, matrices=variant.matrices, sf=1e-2,
                          scale_init=variant.scale_init)
     opts = CalibOptions(epochs=args.epochs, let_lr=variant.let_lr, device="cpu", progress=False, tf32=None)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lowbit import QuantConfig, load_model, quantize
-from lowbit.config import GPTQ_GRIDS, SCALE_INITS
+from lowbit.config import GPTQ_GRIDS, SCALE_INITS, SCALE_LEARNING_METHODS
 from lowbit.eval import EvalOptions
 from lowbit.ptq.recipes import default_epochs, default_let_lr, plan_for
 from lowbit.report import eval_and_record, print_markdown, write_json
@@ -44,7 +44,7 @@ def parse_run(text: str, args) -> QuantConfig:
                        nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, batch_size=args.batch_size,
                        seed=args.seed, rounding=rounding or None, gptq_grid=getattr(args, "gptq_grid", "minmax"),
                        gptq_act_order=getattr(args, "gptq_act_order", True),
-                       scale_init=getattr(args, "scale_init", None) if method in ("omniquant", "affinequant") else None,
+                       scale_init=getattr(args, "scale_init", None) if method in SCALE_LEARNING_METHODS else None,
                        let_lr=getattr(args, "let_lr", None))
 
 
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="per-block checkpoints (one subfolder per run): a killed run resumes where it stopped")
     p.add_argument("--scale-init", default=None, choices=SCALE_INITS,
                    help="start of the learnt scales of the omniquant / affinequant runs (default: the recipe's)")
-    p.add_argument("--let-lr", type=float, default=None, help="learning rate of scales and matrices (default: the recipe's)")
+    p.add_argument("--let-lr", type=float, default=None,
+                   help="learning rate of scales and matrices (default: the recipe's)")
     p.add_argument("--gptq-grid", default="minmax", choices=GPTQ_GRIDS,
                    help="grid of gptq:... runs (runs after a calibrating method use its learnt clipping)")
     p.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=True,

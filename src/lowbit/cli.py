@@ -184,7 +184,8 @@ def _run_quantize(args) -> int:
     config = QuantConfig(method=args.method, wbits=args.wbits, abits=args.abits, group_size=args.group_size,
                          nsamples=args.nsamples, seqlen=args.calib_seqlen, calib_data=args.calib_data, seed=args.seed,
                          epochs=args.epochs, batch_size=args.calib_batch_size, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
-                         alpha=args.alpha, sf=args.sf, scale_init=args.scale_init, aug_loss=args.aug_loss, norm_matrices=args.norm_matrices,
+                         alpha=args.alpha, sf=args.sf, scale_init=args.scale_init, aug_loss=args.aug_loss,
+                         norm_matrices=args.norm_matrices,
                          rounding=args.rounding, gptq_grid=args.gptq_grid, gptq_act_order=args.gptq_act_order)
     config = dataclasses.replace(config, let_lr=default_let_lr(config))  # quantization.json records the rate used
     if args.output.exists() and not args.overwrite:

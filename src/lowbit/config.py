@@ -17,6 +17,7 @@ METHODS = ("rtn", "smoothquant", "omniquant", "affinequant", "gptq")
 ROUNDINGS = ("rtn", "gptq")
 GPTQ_GRIDS = ("minmax", "mse")
 SCALE_INITS = ("smoothquant", "identity")  # where learnt transforms start (see lowbit.ptq.recipes)
+SCALE_LEARNING_METHODS = ("omniquant", "affinequant")  # the methods --scale-init applies to
 # Fields added after the first release: written out only when they differ from their defaults, so the checkpoint
 # manifests of runs started before them still match (resume) and older readers still load plain configs.
 _LATER_FIELDS = ("scale_init", "rounding", "gptq_grid", "gptq_act_order", "gptq_damp", "gptq_block_size")
@@ -82,7 +83,7 @@ class QuantConfig:
             raise LowbitError(f"--let-lr must be positive, got {self.let_lr}")
         if self.scale_init not in (None, *SCALE_INITS):
             raise LowbitError(f"--scale-init must be one of {', '.join(SCALE_INITS)}, got {self.scale_init!r}")
-        if self.scale_init is not None and self.method not in ("omniquant", "affinequant"):
+        if self.scale_init is not None and self.method not in SCALE_LEARNING_METHODS:
             raise LowbitError(f"--scale-init applies to the methods that learn scales (omniquant, affinequant), "
                               f"not {self.method}; drop it")
         self._check_rounding()

@@ -178,7 +178,9 @@ def test_identity_scale_init_starts_where_clipping_alone_starts(tiny_tokenizer):
     """AffineQuant from the identity starts at OmniQuant's weight-only (LWC-only) block loss; from SmoothQuant's
     scales it does not (at 2 bits those scales cost it, BENCHMARKS.md)."""
     first = {}
-    for name, kw in {"omni": dict(method="omniquant"), "identity": dict(scale_init="identity"), "smooth": dict(scale_init="smoothquant")}.items():
+    starts = {"omni": dict(method="omniquant"), "identity": dict(scale_init="identity"),
+              "smooth": dict(scale_init="smoothquant")}
+    for name, kw in starts.items():
         loaded = tiny_loaded("llama", tiny_tokenizer)
         quantize(loaded, config(**{"wbits": 2, "abits": 16, "group_size": 16, "epochs": 1, **kw}), progress=False)
         first[name] = loaded.calibration_log[0].loss_before
@@ -203,7 +205,8 @@ def test_scale_init_is_checked_and_recorded_only_when_not_the_default(tmp_path, 
 def test_two_bit_weight_only_recipe_starts_at_the_identity_with_a_smaller_step(tiny_tokenizer, monkeypatch):
     from lowbit.ptq.recipes import default_let_lr, default_scale_init, plan_for
 
-    w2, w3, w2a4 = (QuantConfig(method="affinequant", wbits=w, abits=a, group_size=64) for w, a in ((2, 16), (3, 16), (2, 4)))
+    w2, w3, w2a4 = (QuantConfig(method="affinequant", wbits=w, abits=a, group_size=64)
+                    for w, a in ((2, 16), (3, 16), (2, 4)))
     assert (default_scale_init(w2), default_let_lr(w2), plan_for(w2).scale_init) == ("identity", 1e-3, "identity")
     omni = QuantConfig(method="omniquant", wbits=2, group_size=64)  # no scales: its recipe (and manifest) unchanged
     for other in (w3, w2a4, omni):
@@ -223,7 +226,8 @@ def test_quantize_calibrates_with_the_recipes_rate_and_records_it_in_the_manifes
 
     monkeypatch.setattr(engine, "_optimise", spy)
     for wbits in (2, 3):
-        quantize(tiny_loaded("llama", tiny_tokenizer), config(wbits=wbits, abits=16, group_size=16, epochs=1, let_lr=None),
+        quantize(tiny_loaded("llama", tiny_tokenizer),
+                 config(wbits=wbits, abits=16, group_size=16, epochs=1, let_lr=None),
                  checkpoint_dir=tmp_path / str(wbits), progress=False)
         manifest = json.loads((tmp_path / str(wbits) / "manifest.json").read_text())
         assert manifest["config"]["let_lr"] == manifest["options"]["let_lr"] == {2: 1e-3, 3: 5e-3}[wbits]

@@ -82,7 +82,8 @@ def test_a_failing_run_keeps_the_others(tmp_path, tiny_model_dir, table, tf32):
 
 def test_rtn_runs_beside_a_scale_init_for_the_learning_ones(tmp_path, tiny_model_dir, table):
     out = tmp_path / "mixed.json"
-    table.main(_common(tiny_model_dir, "rtn:W4A16,affinequant:W2A16g32") + ["--scale-init", "smoothquant", "--out", str(out)])
+    runs = _common(tiny_model_dir, "rtn:W4A16,affinequant:W2A16g32")
+    table.main(runs + ["--scale-init", "smoothquant", "--out", str(out)])
     rows = {r["name"]: r["recipe"] for r in json.loads(out.read_text())}
     assert "scale_init" not in rows["rtn W4A16"]  # rtn learns nothing
     assert (rows["affinequant W2A16g32"]["scale_init"], rows["affinequant W2A16g32"]["let_lr"]) == ("smoothquant", 1e-3)

@@ -173,8 +173,9 @@ def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, op
     heads = adapter.heads(model.config)
     blocks = adapter.blocks(model)
     # the config with the rate actually used: a recipe default (let_lr None) resolves to the value older runs wrote
-    ckpt = BlockCheckpoints(opts.checkpoint_dir, {"config": {**config.to_dict(), "let_lr": opts.let_lr}, "plan": plan.to_dict(), "options": {
-        k: v for k, v in asdict(opts).items() if k not in ("checkpoint_dir", "progress", "device", "cuda_graph", "tf32")}})
+    manifest = {"config": {**config.to_dict(), "let_lr": opts.let_lr}, "plan": plan.to_dict(), "options": {
+        k: v for k, v in asdict(opts).items() if k not in ("checkpoint_dir", "progress", "device", "cuda_graph", "tf32")}}
+    ckpt = BlockCheckpoints(opts.checkpoint_dir, manifest)
     fp_in, kwargs = capture_block_inputs(model, adapter, windows, device)
     kwargs = _to(kwargs, device, torch.float32)
     q_in = fp_in.clone()
