@@ -263,3 +263,14 @@ def test_llama_shapes_every_candidate_on_gpu(w4a16, n, k, group, dtype):
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(y, eager), config
+
+
+def test_candidates_split_k_on_wide_layers(w4a16):
+    """Wide layers (enough row tiles that ``auto_splits`` says 1) still get split-K candidates, each part at least
+    one step; a K of one step gets none."""
+    gemv = w4a16.w4a16_gemv
+    wide = w4a16.W4A16Layout(torch.empty(1024, 1, 1), None, None, 128, 128, 4096, 4096)
+    splits = {c[3] for c in gemv.candidates(wide)}
+    assert splits == {1, *gemv.SPLIT_CHOICES}
+    one_step = w4a16.W4A16Layout(torch.empty(1024, 1, 1), None, None, 128, 128, 512, 4096)
+    assert {c[3] for c in gemv.candidates(one_step) if c[2] == 4} == {1}  # 4 chunks of 128: one 4-warp step

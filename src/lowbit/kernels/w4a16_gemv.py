@@ -70,6 +70,8 @@ MASK_LO, MASK_HI = 0x78000, 0x780000  # bits 15..18 and 19..22; runtime argument
 # (BNB row groups per CTA, warps): CHUNKS follows as 16 * warps // KW (positions per step = half the threads).
 TILES = ((8, 4), (8, 2), (8, 1), (4, 4), (4, 2), (4, 1))
 MIN_CTAS = 2 * 132  # fewer row tiles than this: split K (split-K lost to no split at 256 row tiles on the H100)
+SPLIT_CHOICES = (2, 4, 8)  # K splits the tuner also times on every shape: ncu (2026-11-24) saw the unsplit GEMV
+# at 8-12% achieved occupancy and 1.0-1.2 TB/s from DRAM, too few loads in flight; splits add CTAs
 _tuned: dict = {}  # (shape, dtypes, device) -> (bnb, chunks, warps, splits, prefetch, asm)
 _counters: dict = {}  # (device, stream) -> zeroed int32 counters (the last CTA of a split tile resets its own)
 
@@ -243,14 +245,17 @@ def _launch(x, layout, bias, y, config) -> None:
 
 
 def candidates(layout, steps: tuple = (True, False)) -> list:
-    """Configs the tuner times: each tile prefetching, unsplit and split as ``auto_splits`` says when that is more
-    than one; the first three tiles also without prefetch (the loads then wait for the step's math); each of these
-    with every asm value in ``steps`` (the tuner passes ``step_kinds``)."""
+    """Configs the tuner times: each tile prefetching, unsplit, split as ``auto_splits`` says, and split in each of
+    ``SPLIT_CHOICES`` parts that leaves every part a step; the first three tiles also without prefetch (the loads
+    then wait for the step's math); each of these with every asm value in ``steps`` (the tuner passes
+    ``step_kinds``)."""
     out = []
     for index, (bnb, warps) in enumerate(TILES):
         tile = (bnb, tile_chunks(layout, warps), warps)
+        loop_steps = triton.cdiv(layout.in_features // layout.chunk, tile[1])
+        split_options = {1, auto_splits(layout, tile)} | {s for s in SPLIT_CHOICES if s <= loop_steps}
         for prefetch in (True, False) if index < 3 else (True,):
-            for splits in sorted({1, auto_splits(layout, tile)}):
+            for splits in sorted(split_options):
                 out += [tile + (splits, prefetch, step) for step in steps]
     return out
 
