@@ -115,3 +115,17 @@ def test_training_shapes_on_gpu(device):
         # exact: the same fp8 bit patterns (zeros are canonical +0 on both sides), the same float32 steps
         assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8)), (got.q.float() - want.q.float()).abs().max()
         assert torch.equal(got.step.view(torch.int32), want.step.view(torch.int32))
+
+
+def test_gpu_row_tiles_fill_the_gpu():
+    """Training shapes on an H100 (132 SMs): >= 4 CTAs per SM, whole Hadamard blocks per tile, wide strips where
+    they divide the width, at most 8 warps; a short input keeps one row per tile rather than an empty grid."""
+    q = _q()
+    for m, k, block in ((8192, 4096, 32), (4096, 4096, 64), (8192, 11008, 128), (2048, 576, 64), (8192, 4096, 256)):
+        tiles = q.gpu_row_tiles(m, k, block, 132)
+        assert -(-m // tiles.rows) >= q.CTAS_PER_SM * 132 or tiles.rows == 1
+        assert tiles.cols % block == 0 and (k % tiles.cols == 0 or tiles.cols == max(block, 64))
+        assert tiles.rows & (tiles.rows - 1) == 0 and 1 <= tiles.warps <= 8
+    assert q.gpu_row_tiles(8192, 4096, 32, 132) == q.RowTiles(8, 256, 8)
+    assert q.gpu_row_tiles(2048, 576, 64, 132).cols == 64  # 576 = 9 x 64: no wider strip divides it
+    assert q.gpu_row_tiles(16, 4096, 32, 132) == q.RowTiles(1, 256, 1)

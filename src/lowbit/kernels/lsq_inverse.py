@@ -22,7 +22,7 @@ try:
     import triton
     import triton.language as tl
 
-    from lowbit.kernels.quantize import _butterfly_all
+    from lowbit.kernels.quantize import _butterfly_all, row_tiles
 except ImportError:
     triton = None
 
@@ -91,15 +91,13 @@ def lsq_backward_inverse(grad: torch.Tensor, v: torch.Tensor, step: torch.Tensor
     out = torch.empty(m, k_out, device=grad.device, dtype=out_dtype)
     rowsum = torch.empty(m, device=grad.device, dtype=torch.float32)  # every row is written
     if m and k_in:
-        gpu = grad.is_cuda
-        bk = max(blk, 64 if gpu else 32)
-        bm = max(1, (4096 if gpu else 1024) // bk)
+        tiles = row_tiles(m, k_in, blk, grad.device)
         norm = 1.0 / math.sqrt(block) if block > 1 else 1.0
         signs_arg = signs.float().contiguous() if signs is not None else out
-        _lsq_inverse_kernel[(triton.cdiv(m, bm),)](
+        _lsq_inverse_kernel[(triton.cdiv(m, tiles.rows),)](
             grad, v, signs_arg, out, rowsum, m, k_in, k_out, grad.stride(0), v.stride(0), out.stride(0),
-            norm, qmin, qmax, BM=bm, BK=bk, BLOCK=blk, HAS_SIGNS=signs is not None,
-            **({"num_warps": 8, "enable_fp_fusion": False} if gpu else {"num_warps": 1}))
+            norm, qmin, qmax, BM=tiles.rows, BK=tiles.cols, BLOCK=blk, HAS_SIGNS=signs is not None,
+            num_warps=tiles.warps, **({"enable_fp_fusion": False} if grad.is_cuda else {}))
     if step.dim() == 0:
         grad_step = rowsum.sum() * (1.0 / math.sqrt((numel or v.numel()) * qmax))
     else:
