@@ -115,12 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-batch-size", type=int, default=1, help="calibration windows per optimisation step (default 1)")
     c.add_argument("--let-lr", type=float, default=None,
                    help="learning rate of scales, shifts and matrices "
-                        "(default 5e-3; 1e-3 for AffineQuant at 2-bit weight-only)")
+                        "(default 5e-3; 1e-3 for AffineQuant weight-only)")
     c.add_argument("--lwc-lr", type=float, default=1e-2, help="learning rate of the weight clipping")
     c.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength of the initial scales")
     c.add_argument("--scale-init", default=None, choices=SCALE_INITS,
                    help="start of the learnt scales (omniquant, affinequant): SmoothQuant's, or the identity (the "
-                        "plain model); default SmoothQuant's, the identity for AffineQuant at 2-bit weight-only")
+                        "plain model); default SmoothQuant's, the identity for AffineQuant weight-only")
     c.add_argument("--sf", type=float, default=None, help="AffineQuant stability factor (default 0.1 with activation quantization, else 0.01)")
     c.add_argument("--aug-loss", action="store_true", help="also match the FP block on the quantized inputs")
     c.add_argument("--norm-matrices", action="store_true", help="AffineQuant: full matrices after the norms (kept as online ops)")

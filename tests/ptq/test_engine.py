@@ -202,14 +202,16 @@ def test_scale_init_is_checked_and_recorded_only_when_not_the_default(tmp_path, 
     assert json.loads((tmp_path / "identity" / "manifest.json").read_text())["plan"]["scale_init"] == "identity"
 
 
-def test_two_bit_weight_only_recipe_starts_at_the_identity_with_a_smaller_step(tiny_tokenizer, monkeypatch):
+def test_weight_only_affine_recipe_starts_at_the_identity_with_a_smaller_step(tiny_tokenizer, monkeypatch):
     from lowbit.ptq.recipes import default_let_lr, default_scale_init, plan_for
 
-    w2, w3, w2a4 = (QuantConfig(method="affinequant", wbits=w, abits=a, group_size=64)
-                    for w, a in ((2, 16), (3, 16), (2, 4)))
-    assert (default_scale_init(w2), default_let_lr(w2), plan_for(w2).scale_init) == ("identity", 1e-3, "identity")
+    w2, w3, w4, w2a4, w4a4 = (QuantConfig(method="affinequant", wbits=w, abits=a, group_size=64)
+                              for w, a in ((2, 16), (3, 16), (4, 16), (2, 4), (4, 4)))
+    for weight_only in (w2, w3, w4):
+        got = default_scale_init(weight_only), default_let_lr(weight_only), plan_for(weight_only).scale_init
+        assert got == ("identity", 1e-3, "identity")
     omni = QuantConfig(method="omniquant", wbits=2, group_size=64)  # no scales: its recipe (and manifest) unchanged
-    for other in (w3, w2a4, omni):
+    for other in (w2a4, w4a4, omni):
         got = default_scale_init(other), default_let_lr(other), plan_for(other).scale_init
         assert got == ("smoothquant", 5e-3, "smoothquant")
     mine = QuantConfig(method="affinequant", wbits=2, group_size=64, scale_init="smoothquant", let_lr=5e-3)
@@ -225,10 +227,10 @@ def test_quantize_calibrates_with_the_recipes_rate_and_records_it_in_the_manifes
         return real(calib, q_in, targets, aug, kwargs, opts, **kw)
 
     monkeypatch.setattr(engine, "_optimise", spy)
-    for wbits in (2, 3):
+    for abits in (16, 8):
         quantize(tiny_loaded("llama", tiny_tokenizer),
-                 config(wbits=wbits, abits=16, group_size=16, epochs=1, let_lr=None),
-                 checkpoint_dir=tmp_path / str(wbits), progress=False)
-        manifest = json.loads((tmp_path / str(wbits) / "manifest.json").read_text())
-        assert manifest["config"]["let_lr"] == manifest["options"]["let_lr"] == {2: 1e-3, 3: 5e-3}[wbits]
+                 config(wbits=3, abits=abits, group_size=16, epochs=1, let_lr=None),
+                 checkpoint_dir=tmp_path / str(abits), progress=False)
+        manifest = json.loads((tmp_path / str(abits) / "manifest.json").read_text())
+        assert manifest["config"]["let_lr"] == manifest["options"]["let_lr"] == {16: 1e-3, 8: 5e-3}[abits]
     assert seen == [1e-3, 1e-3, 5e-3, 5e-3]  # two blocks each

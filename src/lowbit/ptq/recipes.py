@@ -32,27 +32,28 @@ def plan_for(config: QuantConfig) -> TransformPlan:
     raise ValueError(f"{config.method} is not a calibrating method")
 
 
-def _two_bit_affine_weight_only(config: QuantConfig) -> bool:
+def _affine_weight_only(config: QuantConfig) -> bool:
     """The one recipe that departs from the papers (OmniQuant learns no transforms without activation bits)."""
-    return config.method == "affinequant" and config.wbits <= 2 and config.abits >= 16
+    return config.method == "affinequant" and config.abits >= 16
 
 
 def default_scale_init(config: QuantConfig) -> str:
     """Where the learnt scales start unless ``config.scale_init`` says: SmoothQuant's, as the papers do, except for
-    AffineQuant at 2-bit weight-only, where they start at the identity (see ``default_let_lr``)."""
+    AffineQuant weight-only, where they start at the identity (see ``default_let_lr``)."""
     if config.scale_init is not None:
         return config.scale_init
-    return "identity" if _two_bit_affine_weight_only(config) else "smoothquant"
+    return "identity" if _affine_weight_only(config) else "smoothquant"
 
 
 def default_let_lr(config: QuantConfig) -> float:
     """The transforms' learning rate unless ``config.let_lr`` says: the papers' 5e-3, except 1e-3 for AffineQuant
-    at 2-bit weight-only. There SmoothQuant's scales, made for quantized activations, move weight outliers into 2-bit
-    groups, and 5e-3 is a noisy step: AffineQuant W2A16 g64 on SmolLM2 (paper recipe, H100) reached 112.1 this way,
-    worse than OmniQuant's clipping alone (104.6); from the identity at 1e-3 it reached 99.4 (BENCHMARKS.md)."""
+    weight-only. There SmoothQuant's scales, made for quantized activations, can only move activation outliers into
+    the weights, and 5e-3 is a noisy step. On SmolLM2 (paper recipe, H100, BENCHMARKS.md), from SmoothQuant's start
+    at 5e-3 against from the identity at 1e-3: W2A16 g64 112.1 (worse than OmniQuant's 104.6) against 99.4, W4A16
+    per channel 27.01 against 26.53, W3A16 g64 31.37 against 31.47 (the one config where it lost, by 0.3%)."""
     if config.let_lr is not None:
         return config.let_lr
-    return 1e-3 if _two_bit_affine_weight_only(config) else 5e-3
+    return 1e-3 if _affine_weight_only(config) else 5e-3
 
 
 def default_epochs(config: QuantConfig) -> int:
