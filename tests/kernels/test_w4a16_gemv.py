@@ -80,7 +80,6 @@ def test_every_tuner_candidate_is_correct(w4a16, dtype):
     weight, x, b, layout = _case(w4a16, 52, 1536, 64, dtype, True)
     configs = gemv.candidates(layout, gemv.step_kinds(x.dtype, layout.scales.dtype))
     assert any(c[3] > 1 for c in configs) and any(not c[4] for c in configs)
-    assert any(len(c) > 6 and c[6] > 1 for c in configs)  # Triton-pipelined loads too
     for config in configs:
         assert_w4a16_close(_run(gemv, x, layout, b, config), x, weight, b)
 
@@ -100,10 +99,9 @@ def test_heuristic_and_candidates_shapes(w4a16):
     narrow_chunk = w4a16.W4A16Layout(torch.empty(1024, 1, 1), None, None, 32, 32, 4096, 4096)
     assert gemv.tile_chunks(narrow_chunk, 2) == 8
     for config in gemv.candidates(wide):
-        bnb, chunks, warps, splits, prefetch, use_asm = config[:6]
+        bnb, chunks, warps, splits, prefetch, use_asm = config
         assert chunks * (wide.chunk // 8) * 2 == 32 * warps and splits >= 1 and isinstance(prefetch, bool)
-        assert isinstance(use_asm, bool) and len(config) in (6, 7)
-        assert len(config) == 6 or (config[6] in gemv.PIPELINE_STAGES and not prefetch)  # pipelined: no prefetch
+        assert isinstance(use_asm, bool)
     weight, x, b, layout = _case(w4a16, 33, 576, 64, torch.bfloat16, False)
     assert_w4a16_close(_run(gemv, x, layout, b, (1, 4, 1, 1)), x, weight, b)
 
@@ -116,7 +114,7 @@ def test_candidates_time_both_steps(w4a16):
         layout = w4a16.W4A16Layout(torch.empty(n // 4, 1, 1), None, None, 128, 128, 4096, n)
         both, plain = gemv.candidates(layout, (True, False)), gemv.candidates(layout, (False,))
         assert gemv.candidates(layout) == both and all(not c[5] for c in plain)
-        assert [c for c in both if c[5]] == [c[:5] + (True,) + c[6:] for c in plain]
+        assert [c for c in both if c[5]] == [c[:5] + (True,) for c in plain]
         assert [c for c in both if not c[5]] == plain and len(both) == 2 * len(plain) == len(set(both))
     assert gemv.step_kinds(torch.float32, torch.float32) == (False,)
     assert gemv.step_kinds(torch.bfloat16, torch.float32) == (False,)  # metadata not 16-bit: no PTX step

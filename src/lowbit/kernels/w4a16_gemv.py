@@ -70,8 +70,6 @@ MASK_LO, MASK_HI = 0x78000, 0x780000  # bits 15..18 and 19..22; runtime argument
 # (BNB row groups per CTA, warps): CHUNKS follows as 16 * warps // KW (positions per step = half the threads).
 TILES = ((8, 4), (8, 2), (8, 1), (4, 4), (4, 2), (4, 1))
 MIN_CTAS = 2 * 132  # fewer row tiles than this: split K (split-K lost to no split at 256 row tiles on the H100)
-PIPELINE_STAGES = (3,)  # loads streamed through shared memory by Triton's pipeliner (tl.range num_stages): more
-# bytes in flight per CTA than the one-step register prefetch, which ncu found latency-bound
 SPLIT_CHOICES = (2, 4, 8)  # K splits the tuner also times on every shape: ncu (2026-11-24) saw the unsplit GEMV
 # at 8-12% achieved occupancy and 1.0-1.2 TB/s from DRAM, too few loads in flight; splits add CTAs
 _tuned: dict = {}  # (shape, dtypes, device) -> (bnb, chunks, warps, splits, prefetch, asm)
@@ -99,37 +97,10 @@ if triton is not None:
         return ((moved & MASK_HI) | 0x41800000).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _step_math(w, s, z, x_ptr, c0, end, xu, xj, MASK_LO, MASK_HI, CHUNKS: tl.constexpr, KW: tl.constexpr,
-                   BNB: tl.constexpr, R: tl.constexpr, PAIRED: tl.constexpr, ASM: tl.constexpr, F16: tl.constexpr):
-        """One step's contribution s (c - z) x for the words ``w`` of chunks c0 .. c0 + CHUNKS - 1."""
-        C: tl.constexpr = 8 * KW
-        x_ptrs = x_ptr + (c0 + xu) * C + xj
-        x_ok = c0 + xu < end
-        if ASM:  # packed 16-bit dequantization and products in inline PTX (w4a16_gemv_asm)
-            return s.to(tl.float32) * asm.asm_step(w, z, x_ptrs, x_ok, KW, F16)
-        part = tl.full((CHUNKS, KW, BNB, R), 0, tl.float32)
-        x_sum = tl.full((CHUNKS, KW), 0, tl.float32)
-        x_even = tl.full((CHUNKS, KW), 0, tl.float32)
-        for i in tl.static_range(8):
-            xi = tl.load(x_ptrs + i * KW, mask=x_ok, other=0).to(tl.float32)
-            part += _units(w, MASK_LO, MASK_HI, i, PAIRED) * xi[:, :, None, None]
-            x_sum += xi
-            if PAIRED and i % 2 == 0:
-                x_even += xi
-        if PAIRED:
-            x_base = 16.0 * x_sum + 240.0 * x_even  # sum BASE_i x_i
-        else:
-            x_base = 16.0 * x_sum
-        # sum (c - z) x = sum (BASE + c) x - sum BASE x - z sum x
-        corr = x_base[:, :, None, None] + z.to(tl.float32) * x_sum[:, :, None, None]
-        return s.to(tl.float32) * (part - corr)
-
-    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, N, NP, K, ROW_STRIDE, CPS, SPLITS,
                      MASK_LO, MASK_HI, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, KW: tl.constexpr,
                      R: tl.constexpr, CPG: tl.constexpr, BNB: tl.constexpr, CHUNKS: tl.constexpr,
-                     PREFETCH: tl.constexpr, PAIRED: tl.constexpr, ASM: tl.constexpr, F16: tl.constexpr,
-                     STAGES: tl.constexpr):
+                     PREFETCH: tl.constexpr, PAIRED: tl.constexpr, ASM: tl.constexpr, F16: tl.constexpr):
         C: tl.constexpr = 8 * KW
         u = tl.arange(0, CHUNKS)[:, None, None, None]
         j = tl.arange(0, KW)[None, :, None, None]
@@ -145,36 +116,46 @@ if triton is not None:
         xu = tl.arange(0, CHUNKS)[:, None]
         xj = tl.arange(0, KW)[None, :]
         acc = tl.full((CHUNKS, KW, BNB, R), 0, tl.float32)
-        if STAGES > 1:  # Triton's pipeliner streams words, scales and zeros through shared memory, STAGES deep
-            for c0 in tl.range(start, end, CHUNKS, num_stages=STAGES):
-                ok = g_ok & (c0 + u < end)
-                w = tl.load(w_ptr + c0 * (KW * R) + w_offs, mask=ok)  # no fill: s = 0 there cancels any words
-                s = tl.load(s_ptr + ((c0 + u) // CPG) * NP + m_offs, mask=ok, other=0)
-                z = tl.load(z_ptr + ((c0 + u) // CPG) * NP + m_offs, mask=ok, other=0)
-                acc += _step_math(w, s, z, x_ptr, c0, end, xu, xj, MASK_LO, MASK_HI, CHUNKS, KW, BNB, R, PAIRED,
-                                  ASM, F16)
-        else:
-            ok = g_ok & (start + u < end)
-            w = tl.load(w_ptr + start * (KW * R) + w_offs, mask=ok)  # no fill: s = 0 there cancels any words
-            s = tl.load(s_ptr + ((start + u) // CPG) * NP + m_offs, mask=ok, other=0)
-            z = tl.load(z_ptr + ((start + u) // CPG) * NP + m_offs, mask=ok, other=0)
-            for c0 in range(start, end, CHUNKS):
-                if PREFETCH:  # the next step's words, scales and zeros are in flight while this step computes
-                    n_ok = g_ok & (c0 + CHUNKS + u < end)
-                    w_next = tl.load(w_ptr + (c0 + CHUNKS) * (KW * R) + w_offs, mask=n_ok)
-                    s_next = tl.load(s_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
-                    z_next = tl.load(z_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
-                acc += _step_math(w, s, z, x_ptr, c0, end, xu, xj, MASK_LO, MASK_HI, CHUNKS, KW, BNB, R, PAIRED,
-                                  ASM, F16)
-                if PREFETCH:
-                    w = w_next
-                    s = s_next
-                    z = z_next
+        ok = g_ok & (start + u < end)
+        w = tl.load(w_ptr + start * (KW * R) + w_offs, mask=ok)  # no fill: s = 0 there cancels any words
+        s = tl.load(s_ptr + ((start + u) // CPG) * NP + m_offs, mask=ok, other=0)
+        z = tl.load(z_ptr + ((start + u) // CPG) * NP + m_offs, mask=ok, other=0)
+        for c0 in range(start, end, CHUNKS):
+            if PREFETCH:  # the next step's words, scales and zeros are in flight while this step computes
+                n_ok = g_ok & (c0 + CHUNKS + u < end)
+                w_next = tl.load(w_ptr + (c0 + CHUNKS) * (KW * R) + w_offs, mask=n_ok)
+                s_next = tl.load(s_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
+                z_next = tl.load(z_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
+            x_ptrs = x_ptr + (c0 + xu) * C + xj
+            x_ok = c0 + xu < end
+            if ASM:  # packed 16-bit dequantization and products in inline PTX (w4a16_gemv_asm)
+                acc += s.to(tl.float32) * asm.asm_step(w, z, x_ptrs, x_ok, KW, F16)
+            else:
+                part = tl.full((CHUNKS, KW, BNB, R), 0, tl.float32)
+                x_sum = tl.full((CHUNKS, KW), 0, tl.float32)
+                x_even = tl.full((CHUNKS, KW), 0, tl.float32)
+                for i in tl.static_range(8):
+                    xi = tl.load(x_ptrs + i * KW, mask=x_ok, other=0).to(tl.float32)
+                    part += _units(w, MASK_LO, MASK_HI, i, PAIRED) * xi[:, :, None, None]
+                    x_sum += xi
+                    if PAIRED and i % 2 == 0:
+                        x_even += xi
+                if PAIRED:
+                    x_base = 16.0 * x_sum + 240.0 * x_even  # sum BASE_i x_i
                 else:
-                    n_ok = g_ok & (c0 + CHUNKS + u < end)
-                    w = tl.load(w_ptr + (c0 + CHUNKS) * (KW * R) + w_offs, mask=n_ok)
-                    s = tl.load(s_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
-                    z = tl.load(z_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
+                    x_base = 16.0 * x_sum
+                # sum (c - z) x = sum (BASE + c) x - sum BASE x - z sum x
+                corr = x_base[:, :, None, None] + z.to(tl.float32) * x_sum[:, :, None, None]
+                acc += s.to(tl.float32) * (part - corr)
+            if PREFETCH:
+                w = w_next
+                s = s_next
+                z = z_next
+            else:
+                n_ok = g_ok & (c0 + CHUNKS + u < end)
+                w = tl.load(w_ptr + (c0 + CHUNKS) * (KW * R) + w_offs, mask=n_ok)
+                s = tl.load(s_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
+                z = tl.load(z_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
         y = tl.reshape(tl.reduce(tl.reduce(acc, 0, _SUM), 0, _SUM), (BNB * R,))
         if ASM and F16:
             y = y * 16.0  # the fp16 pairs held x / 16 (exact: a power of two)
@@ -240,11 +221,10 @@ def step_kinds(x_dtype: torch.dtype, meta_dtype: torch.dtype) -> tuple:
 
 
 def _launch(x, layout, bias, y, config) -> None:
-    """One launch with config (BNB, CHUNKS, warps, splits[, prefetch[, asm[, stages]]]): prefetch defaults to on;
-    asm as ``uses_asm`` says; stages > 1 (default 1) hands the loads to Triton's pipeliner instead of prefetch."""
+    """One launch with config (BNB, CHUNKS, warps, splits[, prefetch[, asm]]): prefetch defaults to on; asm as
+    ``uses_asm`` says."""
     bnb, chunks, warps, splits = config[:4]
     prefetch = bool(config[4]) if len(config) > 4 else True
-    stages = int(config[6]) if len(config) > 6 else 1
     use_asm = uses_asm(config, x.dtype, layout.scales.dtype)
     n, k = layout.out_features, layout.in_features
     steps = triton.cdiv(k // layout.chunk, chunks)
@@ -261,15 +241,14 @@ def _launch(x, layout, bias, y, config) -> None:
                                   MASK_LO, MASK_HI, HAS_BIAS=bias is not None, SPLIT=splits > 1,
                                   KW=layout.chunk // 8, R=R, CPG=layout.group_size // layout.chunk, BNB=bnb,
                                   CHUNKS=chunks, PREFETCH=prefetch, PAIRED=x.dtype != torch.float32, ASM=use_asm,
-                                  F16=x.dtype == torch.float16, STAGES=stages, num_warps=warps)
+                                  F16=x.dtype == torch.float16, num_warps=warps)
 
 
 def candidates(layout, steps: tuple = (True, False)) -> list:
     """Configs the tuner times: each tile prefetching, unsplit, split as ``auto_splits`` says, and split in each of
     ``SPLIT_CHOICES`` parts that leaves every part a step; the first three tiles also without prefetch (the loads
     then wait for the step's math); each of these with every asm value in ``steps`` (the tuner passes
-    ``step_kinds``); and each tile, unsplit or split as ``auto_splits`` says where that leaves two steps or more
-    per part, with its loads pipelined by Triton ``PIPELINE_STAGES`` deep instead of prefetched."""
+    ``step_kinds``)."""
     out = []
     for index, (bnb, warps) in enumerate(TILES):
         tile = (bnb, tile_chunks(layout, warps), warps)
@@ -278,9 +257,6 @@ def candidates(layout, steps: tuple = (True, False)) -> list:
         for prefetch in (True, False) if index < 3 else (True,):
             for splits in sorted(split_options):
                 out += [tile + (splits, prefetch, step) for step in steps]
-        for splits in sorted({1, auto_splits(layout, tile)}):
-            if loop_steps >= 2 * splits:
-                out += [tile + (splits, False, step, stages) for stages in PIPELINE_STAGES for step in steps]
     return out
 
 
