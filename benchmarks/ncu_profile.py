@@ -153,7 +153,9 @@ def summarise(raw_csv: str, names: list[str]) -> list[dict]:
     """One dict per profiled kernel: its call (the NVTX range among ``names``), the KEEP metrics (with units),
     tensor-pipe use and the top warp stalls."""
     rows = list(csv.reader(io.StringIO(raw_csv)))
-    start = next(i for i, r in enumerate(rows) if r and r[0] == "ID")
+    start = next((i for i, r in enumerate(rows) if r and r[0] == "ID"), None)
+    if start is None or start + 1 >= len(rows) or "Kernel Name" not in rows[start]:
+        raise ValueError("not an ncu raw-page CSV (no header row with 'ID' and 'Kernel Name')")
     header, units, data = rows[start], rows[start + 1], rows[start + 2:]
     col = {name: i for i, name in enumerate(header)}
     kernels, current = [], None
@@ -181,22 +183,37 @@ def summarise(raw_csv: str, names: list[str]) -> list[dict]:
 def profile_case(case: str, names: list[str], csv_dir: Path, ncu: str) -> list[dict]:
     """Run this script's ``--run-case`` under ncu, export the raw page, summarise it."""
     rep = csv_dir / f"{case}.ncu-rep"
+    rep.unlink(missing_ok=True)  # a stale report must not pass for this run's
     cmd = [ncu, "--profile-from-start", "off", "--clock-control", "none", "--nvtx", "--force-overwrite",
            "--target-processes", "all", "-o", str(rep.with_suffix(""))]
     for section in SECTIONS:
         cmd += ["--section", section]
     cmd += [sys.executable, __file__, "--run-case", case]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, timeout=1800)
     if done.returncode != 0 or not rep.exists():
         raise RuntimeError(f"ncu failed on {case} (exit {done.returncode}): {done.stderr[-800:]}{done.stdout[-800:]}")
-    raw = subprocess.run([ncu, "--import", str(rep), "--csv", "--page", "raw"], capture_output=True, text=True,
-                         check=True).stdout
+    exported = subprocess.run([ncu, "--import", str(rep), "--csv", "--page", "raw"], capture_output=True, text=True)
+    if exported.returncode != 0:
+        raise RuntimeError(f"ncu --import failed on {rep} (exit {exported.returncode}): {exported.stderr[-800:]}")
+    raw = exported.stdout
     (csv_dir / f"{case}.csv").write_text(raw)
     return summarise(raw, names)
 
 
 def names_for(case: str) -> list[str]:
-    return CALL_NAMES[case.split("_")[0]]
+    kind = case.split("_")[0]
+    if kind not in CALL_NAMES:
+        raise ValueError(f"unknown case {case!r}: names start with one of {', '.join(CALL_NAMES)}")
+    return CALL_NAMES[kind]
+
+
+def device_of(raw_csv: str) -> str | None:
+    """The GPU's name as ncu recorded it (the raw page's device__attribute_display_name column)."""
+    rows = [r for r in csv.reader(io.StringIO(raw_csv)) if r]
+    start = next((i for i, r in enumerate(rows) if r[0] == "ID"), None)
+    if start is None or "device__attribute_display_name" not in rows[start] or len(rows) < start + 3:
+        return None
+    return rows[start + 2][rows[start].index("device__attribute_display_name")]
 
 
 def print_case(case: str, kernels: list[dict]) -> None:
@@ -210,7 +227,8 @@ def print_case(case: str, kernels: list[dict]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="+", default=list(CASES))
-    p.add_argument("--out", type=Path, default=RESULTS / "ncu_profile.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default results/ncu_profile.json; with --from-csv: <csv folder without _csv>.json)")
     p.add_argument("--from-csv", type=Path, default=None,
                    help="summarise the raw CSVs of an earlier run (a folder of <case>.csv) again; needs no GPU")
     p.add_argument("--run-case", help=argparse.SUPPRESS)  # internal: the process ncu profiles
@@ -221,11 +239,19 @@ def main(argv=None) -> int:
         return 0
     result = {"sections": list(SECTIONS), "cases": {}, "failures": {}}
     if args.from_csv is not None:
+        if args.out is None:
+            args.out = args.from_csv.with_name(args.from_csv.name.removesuffix("_csv") + ".json")
         result["from_csv"] = str(args.from_csv)
         for path in sorted(args.from_csv.glob("*.csv")):
-            result["cases"][path.stem] = summarise(path.read_text(), names_for(path.stem))
+            text = path.read_text()
+            try:
+                result["cases"][path.stem] = summarise(text, names_for(path.stem))
+            except ValueError as err:
+                raise SystemExit(f"{path}: {err}") from None
+            result.setdefault("device", device_of(text))
             print_case(path.stem, result["cases"][path.stem])
     else:
+        args.out = args.out or RESULTS / "ncu_profile.json"
         ncu = shutil.which("ncu")
         import torch
 

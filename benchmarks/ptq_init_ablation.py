@@ -45,7 +45,7 @@ VARIANTS = (
     Variant("AffineQuant, SmoothQuant start, lr 5e-3 (papers)", "affinequant", True, True, "smoothquant", 5e-3),
     Variant("AffineQuant, SmoothQuant start, lr 1e-3", "affinequant", True, True, "smoothquant", 1e-3),
     Variant("AffineQuant, identity start, lr 5e-3", "affinequant", True, True, "identity", 5e-3),
-    Variant("AffineQuant, identity start, lr 1e-3 (2-bit default)", "affinequant", True, True, "identity", 1e-3),
+    Variant("AffineQuant, identity start, lr 1e-3 (weight-only default)", "affinequant", True, True, "identity", 1e-3),
 )
 
 

@@ -74,6 +74,16 @@ def test_kernel_equals_reference(gemm, m, n, k, bias, imprecise):
         _assert_matches(y, ref, sums, sa[:, None] * sb[None, :], bvec)
 
 
+def test_strided_bias(gemm):
+    """A bias that is a view with a stride (a column of a matrix) is read as its values, not as memory."""
+    a, b = _codes(9, 576, seed=5), _codes(40, 576, seed=6)
+    sa, sb = torch.rand(9, device=a.device) + 0.1, torch.rand(40, device=a.device) + 0.1
+    bias = torch.randn(40, 3, device=a.device)[:, 1]
+    y = gemm.fp8_scaled_gemm(a, b, sa, sb, bias, torch.float32)
+    ref = gemm.fp8_scaled_gemm_reference(a, b, sa, sb, bias.contiguous(), torch.float32)
+    _assert_matches(y, ref, _exact(a, b).to(a.device).float(), sa[:, None] * sb[None, :], bias)
+
+
 def test_two_dim_scales_and_empty_rows(gemm):
     a, b = _codes(5, 576, seed=1), _codes(48, 576, seed=2)
     sa, sb = torch.rand(5, 1, device=a.device) + 0.1, torch.rand(1, 48, device=a.device) + 0.1

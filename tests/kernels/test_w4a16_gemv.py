@@ -274,3 +274,14 @@ def test_candidates_split_k_on_wide_layers(w4a16):
     assert splits == {1, *gemv.SPLIT_CHOICES}
     one_step = w4a16.W4A16Layout(torch.empty(1024, 1, 1), None, None, 128, 128, 512, 4096)
     assert {c[3] for c in gemv.candidates(one_step) if c[2] == 4} == {1}  # 4 chunks of 128: one 4-warp step
+
+
+def test_candidates_are_distinct_launches(w4a16):
+    """A split count the loop cannot honour (8 parts of 5 steps) runs as fewer: it is listed once, as it runs."""
+    gemv = w4a16.w4a16_gemv
+    layout = w4a16.W4A16Layout(torch.empty(1024, 1, 1), None, None, 128, 128, 640, 4096)  # 5 chunks of 128
+    configs = gemv.candidates(layout, (False,))
+    assert len(configs) == len(set(configs))
+    for config in configs:
+        assert gemv.split_shape(layout, config[1], config[3])[1] == config[3]
+    assert gemv.split_shape(layout, 1, 8) == (1, 5) and gemv.split_shape(layout, 1, 2) == (3, 2)

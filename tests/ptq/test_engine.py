@@ -78,8 +78,25 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path, tiny_tokenizer
     from lowbit.errors import LowbitError
 
     quantize(tiny_loaded("llama", tiny_tokenizer), config(epochs=1), checkpoint_dir=tmp_path, progress=False)
-    with pytest.raises(LowbitError, match="another configuration"):
+    with pytest.raises(LowbitError, match=r"another configuration \(config\.epochs: 1 -> 2.*--let-lr"):
         quantize(tiny_loaded("llama", tiny_tokenizer), config(epochs=2), checkpoint_dir=tmp_path, progress=False)
+
+
+def test_recipe_defaults_spelled_out_resume_a_run_that_took_them(tmp_path, tiny_tokenizer):
+    """A weight-only AffineQuant run with the default start and rate, and the same run with ``scale_init`` and
+    ``let_lr`` given explicitly, write the same manifest (so one resumes the other); the papers' start does not."""
+    from lowbit.errors import LowbitError
+
+    weight_only = dict(wbits=3, abits=16, group_size=16, epochs=1)
+    quantize(tiny_loaded("llama", tiny_tokenizer), config(**weight_only, let_lr=None), checkpoint_dir=tmp_path,
+             progress=False)
+    saved = (tmp_path / "manifest.json").read_text()
+    quantize(tiny_loaded("llama", tiny_tokenizer), config(**weight_only, scale_init="identity", let_lr=1e-3),
+             checkpoint_dir=tmp_path, progress=False)
+    assert (tmp_path / "manifest.json").read_text() == saved
+    with pytest.raises(LowbitError, match="plan.scale_init: 'identity' -> 'absent'"):
+        quantize(tiny_loaded("llama", tiny_tokenizer), config(**weight_only, scale_init="smoothquant", let_lr=1e-3),
+                 checkpoint_dir=tmp_path, progress=False)
 
 
 def test_non_finite_loss_rolls_back_and_retries(tiny_tokenizer, monkeypatch, caplog):

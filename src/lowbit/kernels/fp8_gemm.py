@@ -5,7 +5,7 @@ an FP8 GEMM and needs the exact integer sums. Hopper's FP8 tensor cores keep onl
 wgmma accumulation chain, and cuBLAS ``torch._scaled_mm(..., use_fast_accum=False)`` was measured inexact on the
 H100 (integer sums ~2e6 off). Triton's ``tl.dot(a, b, acc, max_num_imprecise_acc=N)`` makes its Hopper backend add
 the wgmma partial accumulator into a separate float32 accumulator every N elements of K (sm_90 default: 2**30, never).
-With N = 32 (one fp8 wgmma) a chain holds 32 products of |value| <= 256, below 2^13: exact. Larger N (64, 128) is
+With N = 32 (one fp8 wgmma) a chain holds 32 products of |value| <= 256, at most 2^13: exact. Larger N (64, 128) is
 faster but exact only while the chains stay small; ``benchmarks/fp8_accum_probe.py`` measures both on the GPU.
 
 Measured on the H100 (2026-11-24, ``benchmarks/results/fp8_accum_probe.json``, M = 2048/8192 on the LLaMA shapes):
@@ -103,8 +103,8 @@ def fp8_scaled_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, sca
     y = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return y
-    args = (a, b, sa.contiguous(), sb.contiguous(), y if bias is None else bias, y, m, n, k, a.stride(0),
-            b.stride(0))
+    bias_arg = y if bias is None else bias.contiguous()  # the kernel reads the bias with unit stride
+    args = (a, b, sa.contiguous(), sb.contiguous(), bias_arg, y, m, n, k, a.stride(0), b.stride(0))
     flags = dict(HAS_BIAS=bias is not None, IMPRECISE=imprecise_acc, GROUP_M=GROUP_M)
     if use_fixed_config():
         grid = (triton.cdiv(m, FIXED["BLOCK_M"]) * triton.cdiv(n, FIXED["BLOCK_N"]),)

@@ -174,7 +174,9 @@ def row_tiles(m: int, k: int, block: int, device: torch.device) -> RowTiles:
     H100's 132 SMs; ncu (2026-11-24) measured 12.5% achieved occupancy and 0.8-1.7 TB/s for the rotate-quantize
     and LSQ-inverse kernels. On the GPU the strips are now 256 or 128 columns wide where that divides k (more
     bytes in flight per row), and rows per tile halve until the grid has ``CTAS_PER_SM`` CTAs per multiprocessor.
-    The CPU interpreter keeps small tiles (its speed). No element's arithmetic depends on the tile."""
+    The CPU interpreter keeps small tiles (its speed). No rotated, quantized or output element depends on the
+    tile; the LSQ step gradient's row sums (``lsq_inverse``) add one tile width at a time, so they match across
+    tile shapes to float32 rounding, as they match the reference."""
     block = max(block, 1)
     if device.type != "cuda":
         cols = max(block, 32)

@@ -209,6 +209,14 @@ def _counter_tensor(device: torch.device, tiles: int) -> torch.Tensor:
     return _counters[key]
 
 
+def split_shape(layout, chunks: int, splits: int) -> tuple[int, int]:
+    """(loop steps per CTA, CTAs per row tile) that ``splits`` asks for, with no empty split: 8 splits of 5 steps
+    run as 5."""
+    steps = triton.cdiv(layout.in_features // layout.chunk, chunks)
+    per_split = triton.cdiv(steps, max(1, min(splits, steps)))
+    return per_split, triton.cdiv(steps, per_split)
+
+
 def uses_asm(config, x_dtype: torch.dtype, meta_dtype: torch.dtype) -> bool:
     """Whether ``config`` runs the inline-PTX step: its asm field (default on) where ``asm.asm_supported`` allows it
     (CUDA, 16-bit x and metadata); otherwise the plain step runs."""
@@ -227,9 +235,7 @@ def _launch(x, layout, bias, y, config) -> None:
     prefetch = bool(config[4]) if len(config) > 4 else True
     use_asm = uses_asm(config, x.dtype, layout.scales.dtype)
     n, k = layout.out_features, layout.in_features
-    steps = triton.cdiv(k // layout.chunk, chunks)
-    per_split = triton.cdiv(steps, max(1, min(splits, steps)))  # loop steps per CTA
-    splits = triton.cdiv(steps, per_split)  # no empty split
+    per_split, splits = split_shape(layout, chunks, splits)
     tiles = triton.cdiv(layout.padded_rows // R, bnb)
     if splits > 1:
         partial = torch.empty((splits, layout.padded_rows), dtype=torch.float32, device=x.device)
@@ -253,7 +259,8 @@ def candidates(layout, steps: tuple = (True, False)) -> list:
     for index, (bnb, warps) in enumerate(TILES):
         tile = (bnb, tile_chunks(layout, warps), warps)
         loop_steps = triton.cdiv(layout.in_features // layout.chunk, tile[1])
-        split_options = {1, auto_splits(layout, tile)} | {s for s in SPLIT_CHOICES if s <= loop_steps}
+        wanted = {1, auto_splits(layout, tile)} | {s for s in SPLIT_CHOICES if s <= loop_steps}
+        split_options = {split_shape(layout, tile[1], s)[1] for s in wanted}  # each distinct launch once
         for prefetch in (True, False) if index < 3 else (True,):
             for splits in sorted(split_options):
                 out += [tile + (splits, prefetch, step) for step in steps]

@@ -27,6 +27,18 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``section.key: saved value -> this run's`` for every entry that differs (nested dicts walked)."""
+    out = []
+    for key in sorted(set(saved) | set(current), key=str):
+        a, b = saved.get(key, "absent"), current.get(key, "absent")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b and json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
 class BlockCheckpoints:
     """Save and restore finished blocks under ``directory`` (disabled when it is None)."""
 
@@ -38,9 +50,11 @@ class BlockCheckpoints:
         path = self.dir / "manifest.json"
         text = json.dumps(manifest, indent=2, sort_keys=True)
         if path.exists() and path.read_text() != text:
+            changed = "; ".join(_differences(json.loads(path.read_text()), manifest)[:3])
             raise LowbitError(
-                f"checkpoint directory {self.dir} belongs to a run with another configuration; "
-                "delete it, or rerun with the same options to resume"
+                f"checkpoint directory {self.dir} belongs to a run with another configuration ({changed}); delete "
+                "it, or rerun with that run's options to resume (recipe defaults can change between lowbit versions: "
+                "--scale-init, --let-lr and --epochs set them explicitly)"
             )
         _atomic_write(path, lambda p: p.write_text(text))
 
