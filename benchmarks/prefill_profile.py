@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from lowbit.bench import pack_rtn, random_llama
@@ -35,7 +36,12 @@ def kernel_table(run, warmup: int = 3) -> dict:
     gpu, cpu = [], []
     for e in prof.key_averages():
         us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if us > 0 and e.key.startswith(("void", "nvjet", "_", "cudnn", "triton", "sm90", "cutlass")):
+        # kernels only: a host op's device time is the sum of its kernels' (an autograd Function such as
+        # _QuantLinearFnBackward would count them twice); older torch without device_type: by name
+        kind = getattr(e, "device_type", None)
+        kernel = kind == DeviceType.CUDA if kind is not None else e.key.startswith(
+            ("void", "nvjet", "_", "cudnn", "triton", "sm90", "cutlass"))
+        if us > 0 and kernel and "#" not in e.key:  # "Optimizer.step#AdamW.step": an annotation range, not a kernel
             gpu.append({"name": e.key[:90], "calls": e.count, "total_us": us})
         if e.self_cpu_time_total > 0:
             cpu.append({"name": e.key[:90], "calls": e.count, "total_us": e.self_cpu_time_total})

@@ -245,11 +245,12 @@ def bench_backward_detail(tokens: int, width: int, iters: int, compare: bool = F
              "ms": round(median_ms(fn, iters), 4)} for name, fn in cases.items()]
 
 
-def train_run(args, quant: bool) -> tuple[list[float], list[float], int]:
-    """``args.steps`` AdamW steps from one seed on the same byte windows; per-step losses and times (ms)."""
+def build_training(args, quant: bool):
+    """The LM run's model (converted to 4-bit HQ+LSS when ``quant``), AdamW with its schedule, the training bytes,
+    the batch generator and the parameter count: the same for both paths, from one seed."""
     from lowbit.train.config import preset
     from lowbit.train.convert import convert
-    from lowbit.train.lm import LMShape, build_lm, byte_splits, random_windows
+    from lowbit.train.lm import LMShape, build_lm, byte_splits
     from lowbit.train.optim import param_groups, warmup_schedule
 
     shape = LMShape(hidden=args.hidden, layers=args.layers, heads=args.heads, intermediate=args.intermediate,
@@ -259,25 +260,36 @@ def train_run(args, quant: bool) -> tuple[list[float], list[float], int]:
     if quant:
         convert(model, preset("hq-lss4", seed=args.seed))
     train_ids, _ = byte_splits(["wikitext2", "lambada", "ptb"], args.seqlen)
-    train_ids = train_ids.cuda()
     opt = torch.optim.AdamW(param_groups(model, args.lr))
-    sched = warmup_schedule(opt, args.steps)
     gen = torch.Generator().manual_seed(args.seed)
+    return model, opt, warmup_schedule(opt, args.steps), train_ids.cuda(), gen, params
+
+
+def train_step(model, opt, sched, batch) -> torch.Tensor:
+    """One bf16-autocast AdamW step with gradient clipping; returns the loss (on the device)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(batch, labels=batch).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss.detach()
+
+
+def train_run(args, quant: bool) -> tuple[list[float], list[float], int]:
+    """``args.steps`` AdamW steps from one seed on the same byte windows; per-step losses and times (ms)."""
+    from lowbit.train.lm import random_windows
+
+    model, opt, sched, train_ids, gen, params = build_training(args, quant)
     losses, times = [], []
     model.train()
     for _ in range(args.steps):
         batch = random_windows(train_ids, args.batch_size, args.seqlen, gen)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(batch, labels=batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        losses.append(train_step(model, opt, sched, batch))
         end.record()
-        losses.append(loss.detach())
         times.append((start, end))
     torch.cuda.synchronize()
     del model, opt

@@ -60,6 +60,10 @@ def test_int_matmul_kernel_hook_is_exact(device, bits_a, bits_b, k):
         got = int_matmul_scaled(a, b, scale, bits_a=bits_a, bits_b=bits_b)
         assert torch.equal(got.cpu(), want * scale.cpu()) or device == "cuda"
         assert torch.allclose(got.cpu(), want * scale.cpu(), rtol=2**-22, atol=0)  # cuBLAS epilogue: one rounding
+        half = int_matmul_scaled(a, b, scale, bits_a=bits_a, bits_b=bits_b, out_dtype=torch.bfloat16)
+        assert half.dtype == torch.bfloat16  # the float32 epilogue rounded once: bf16 of the float32 result
+        assert torch.equal(half.cpu(), (want * scale.cpu()).bfloat16()) or device == "cuda"
+        assert torch.allclose(half.cpu().float(), want * scale.cpu(), rtol=2**-8, atol=0)
 
 
 def test_check_runs_on_cpu_and_is_opt_out(device):

@@ -69,11 +69,13 @@ def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def fp8_matmul(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None = None,
-               fast_accum: bool = False) -> torch.Tensor:
-    """float32 ``scale * (a @ b.T)`` for integer-valued ``a`` (M x K) and ``b`` (N x K) exact in e4m3 (CUDA).
+               fast_accum: bool = False, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``scale * (a @ b.T)`` for integer-valued ``a`` (M x K) and ``b`` (N x K) exact in e4m3 (CUDA).
 
     ``scale``: a one-element float32 tensor applied in the epilogue (None: 1). Exact integers when
     ``scale`` is None and ``K * max|a| * max|b| < 2^24`` with ``fast_accum=False`` (see the module doc).
+    ``out_dtype`` (float32, bfloat16 or float16): cuBLAS rounds the float32 epilogue once to it, so a 16-bit
+    result needs no float32 copy written and converted after.
     """
     m, n = a.shape[0], b.shape[0]
     a8 = _pad_to(a if a.dtype == FP8 else a.to(FP8), FP8_ALIGN, FP8_ALIGN)
@@ -81,7 +83,7 @@ def fp8_matmul(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None = No
     one = torch.ones((), device=a.device, dtype=torch.float32)
     scale_a = one if scale is None else scale.float().reshape(())
     out = torch._scaled_mm(a8.contiguous(), b8.contiguous().t(), scale_a=scale_a, scale_b=one,
-                           out_dtype=torch.float32, use_fast_accum=fast_accum)
+                           out_dtype=out_dtype, use_fast_accum=fast_accum)
     return out[:m, :n] if out.shape != (m, n) else out
 
 
@@ -259,10 +261,12 @@ def int_matmul_kernel(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int
     return int8_matmul(a, b).to(reference_dtype(k, bits_a, bits_b))
 
 
-def scaled_int_matmul(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bits_a: int, bits_b: int) -> torch.Tensor:
-    """float32 ``(a @ b.T) * scale`` with the one-element dequantizing ``scale`` applied in the GEMM's epilogue."""
+def scaled_int_matmul(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bits_a: int, bits_b: int,
+                      out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(a @ b.T) * scale`` with the one-element dequantizing ``scale`` applied in the GEMM's epilogue, float32
+    rounded once to ``out_dtype``."""
     if fp8_eligible(a, bits_a, bits_b):
-        return fp8_matmul(a, b, scale)
+        return fp8_matmul(a, b, scale, out_dtype=out_dtype)
     if product_bound(a.shape[1], bits_a, bits_b) >= FP32_EXACT:
         raise LowbitError(f"{bits_a}x{bits_b}-bit product with K={a.shape[1]} is not exact in float32; use int_matmul")
-    return int8_matmul(a, b, col_scale=scale)
+    return int8_matmul(a, b, col_scale=scale).to(out_dtype)

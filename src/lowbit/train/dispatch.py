@@ -86,17 +86,18 @@ def int_matmul(
 
 def int_matmul_scaled(
     a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, bits_a: int = 4, bits_b: int = 4,
-    check: bool | None = None,
+    check: bool | None = None, out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """float32 ``(a @ b.T) * scale`` (``scale`` one element): the dequantizing scale in the GEMM's epilogue.
+    """``(a @ b.T) * scale`` (``scale`` one element): the dequantizing scale in the GEMM's epilogue, the float32
+    result rounded once to ``out_dtype``.
 
-    Reference: ``int_matmul_reference(a, b).float() * scale``; the INT8 kernel equals it bit for bit, cuBLAS's
-    FP8 epilogue (``alpha = scale``) to within one float32 rounding.
+    Reference: ``(int_matmul_reference(a, b).float() * scale).to(out_dtype)``; the INT8 kernel equals it bit for
+    bit, cuBLAS's FP8 epilogue (``alpha = scale``) to within one float32 rounding.
     """
     _checked(a, b, bits_a, bits_b, check)
     if _kernel_for(a, bits_a, bits_b) is not None:
         from lowbit.kernels.int_gemm import product_bound, scaled_int_matmul
 
         if product_bound(a.shape[1], bits_a, bits_b) < FP32_EXACT:
-            return scaled_int_matmul(a, b, scale, bits_a, bits_b)
-    return int_matmul_reference(a, b, bits_a, bits_b).float() * scale.float().reshape(())
+            return scaled_int_matmul(a, b, scale, bits_a, bits_b, out_dtype)
+    return (int_matmul_reference(a, b, bits_a, bits_b).float() * scale.float().reshape(())).to(out_dtype)

@@ -76,8 +76,10 @@ class _QuantLinearFn(torch.autograd.Function):
             operand = operand_dtype(x.device, cfg.bits)  # what the GEMM reads; fused kernels write it directly
             qx = rotate_quantize(x, rot, act_step, cfg.bits, operand)
             qw = rotate_quantize(weight, rot, weight_step, cfg.bits, operand)
-            if qx.step.dim() == 0 and qw.step.dim() == 0:  # one scale: applied in the GEMM's epilogue
-                y = int_matmul_scaled(qx.q, qw.q, qx.step * qw.step, bits_a=cfg.bits, bits_b=cfg.bits)
+            if qx.step.dim() == 0 and qw.step.dim() == 0:  # one scale: applied in the GEMM's epilogue, which also
+                # rounds to the output dtype when no bias follows (no float32 copy written and converted after)
+                y = int_matmul_scaled(qx.q, qw.q, qx.step * qw.step, bits_a=cfg.bits, bits_b=cfg.bits,
+                                      out_dtype=torch.float32 if bias is not None else out_dtype)
             else:
                 acc = int_matmul(qx.q, qw.q, bits_a=cfg.bits, bits_b=cfg.bits).float()
                 y = acc * qx.step * qw.step.reshape(1, -1) if qw.step.dim() else acc * (qx.step * qw.step)
@@ -154,14 +156,16 @@ def _grads_hadamard_domain(g, qx: Quantized, qw: Quantized, cfg: TrainQuantConfi
     if cfg.backward == "int8":
         gx, gw = bwd.int8_grads(g_in, g_w, qx.q.float(), qw.q.float(), gen, cfg.bits, need_x, need_w)
         return (gx * epi_in if gx is not None else None), (gw * epi_w if gw is not None else None)
+    # int4: a shared step scales every split row's weight instead of the N x K and C x K results (one pass each
+    # over memory saved); the sampling probabilities do not change with a common factor of the scores
     if cfg.bits > 4:
         raise LowbitError(f"the int4 backward needs 4-bit forward operands, got bits={cfg.bits}; use backward='int8'")
     xq, wq = _int_operand(qx.q), _int_operand(qw.q)
     rows_in, weight_in, sq_in = bwd.split_rows_with_norms(g_in, gen)
     rows_w, weight_w, sq_w = (rows_in, weight_in, sq_in) if shared else bwd.split_rows_with_norms(g_w, gen)
     ratio = cfg.sampling_ratio
-    gx = bwd.int4_grad_input(rows_in, weight_in, wq, ratio, gen, cfg.bits, sq_in) * epi_in if need_x else None
-    gw = bwd.int4_grad_weight(rows_w, weight_w, xq, ratio, gen, cfg.bits, sq_w) * epi_w if need_w else None
+    gx = bwd.int4_grad_input(rows_in, weight_in * epi_in, wq, ratio, gen, cfg.bits, sq_in) if need_x else None
+    gw = bwd.int4_grad_weight(rows_w, weight_w * epi_w, xq, ratio, gen, cfg.bits, sq_w) if need_w else None
     return gx, gw
 
 
