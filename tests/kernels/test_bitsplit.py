@@ -111,3 +111,12 @@ def test_philox_uniforms_equal_reference(device):
     u = uniform_reference(_seed("cpu", 9), torch.arange(65536))
     assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
     assert torch.equal(u * 2**24, (u * 2**24).round()) and float(u.min()) >= 0 and float(u.max()) < 1
+
+
+def test_split_tiles_fill_the_gpu():
+    """32-row tiles for long gradients, halved to 4 CTAs per SM for the training shapes, never below 4 rows."""
+    from lowbit.kernels.bitsplit import split_tile_rows
+
+    assert split_tile_rows(100_000, 132) == 32
+    assert split_tile_rows(8192, 132) == 8  # 1024 CTAs (32-row tiles gave 256)
+    assert split_tile_rows(16, 132) == 4

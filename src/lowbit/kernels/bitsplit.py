@@ -124,6 +124,16 @@ if triton is not None:
             tl.store(scale_ptr, scale)
 
 
+def split_tile_rows(n: int, multiprocessors: int) -> int:
+    """Rows per CTA on the GPU: 32, halved (down to 4) until the grid has 4 CTAs per SM. ncu (H100, 2026-11-24):
+    32-row tiles gave 8192 tokens 256 CTAs at 12% occupancy, compute stalls unhidden. The rows' sums of squares
+    are exact integers, so the tile changes no result."""
+    rows = 32
+    while rows > 4 and -(-n // rows) < 4 * multiprocessors:
+        rows //= 2
+    return rows
+
+
 def split_rows(g: torch.Tensor, seed: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> SplitRows:
     """Bit-split ``g`` into the stacked INT4 rows, their squared norms and weights, fused when on Triton.
 
@@ -143,7 +153,8 @@ def split_rows(g: torch.Tensor, seed: torch.Tensor, out_dtype: torch.dtype = tor
     sq = torch.empty(2 * n, device=g.device, dtype=torch.float32)
     weight = torch.empty(2 * n, device=g.device, dtype=torch.float32)
     scale = torch.empty((), device=g.device, dtype=torch.float32)
-    bm, bc = (32, 128) if g.is_cuda else (64, 64)
+    bm, bc = (split_tile_rows(n, torch.cuda.get_device_properties(g.device).multi_processor_count), 128) \
+        if g.is_cuda else (64, 64)
     _split_kernel[(triton.cdiv(n, bm),)](g, seed, amax, rows, sq, scale, weight, n, c, g.stride(0), rows.stride(0),
                                          BM=bm, BC=bc, num_warps=4 if g.is_cuda else 1)
     return SplitRows(rows, sq, scale, weight)
