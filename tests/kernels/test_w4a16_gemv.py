@@ -69,10 +69,7 @@ def test_prefetch_does_not_change_the_bits(w4a16):
     """Prefetching only moves loads: the same sums in the same order, so the same bits."""
     gemv = w4a16.w4a16_gemv
     weight, x, b, layout = _case(w4a16, 45, 1536, 128, torch.bfloat16, True)
-    want = _run(gemv, x, layout, b, (2, 2, 1, 2, False))
-    for depth in (True, 2):  # one or two steps in flight
-        assert torch.equal(_run(gemv, x, layout, b, (2, 2, 1, 2, depth)), want)
-    assert torch.equal(_run(gemv, x, layout, b, (2, 2, 1, 1, 2)), _run(gemv, x, layout, b, (2, 2, 1, 1, False)))
+    assert torch.equal(_run(gemv, x, layout, b, (2, 2, 1, 2, True)), _run(gemv, x, layout, b, (2, 2, 1, 2, False)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -103,7 +100,7 @@ def test_heuristic_and_candidates_shapes(w4a16):
     assert gemv.tile_chunks(narrow_chunk, 2) == 8
     for config in gemv.candidates(wide):
         bnb, chunks, warps, splits, prefetch, use_asm = config
-        assert chunks * (wide.chunk // 8) * 2 == 32 * warps and splits >= 1 and prefetch in (0, 1, 2)
+        assert chunks * (wide.chunk // 8) * 2 == 32 * warps and splits >= 1 and isinstance(prefetch, bool)
         assert isinstance(use_asm, bool)
     weight, x, b, layout = _case(w4a16, 33, 576, 64, torch.bfloat16, False)
     assert_w4a16_close(_run(gemv, x, layout, b, (1, 4, 1, 1)), x, weight, b)

@@ -17,8 +17,7 @@ its tail cost as much as the reads, so every call is ONE launch:
 - 16-byte loads: the R words of one K position are adjacent in the layout (one LDG.128 per row group); scales and
   zeros 8 bytes per row group.
 - PREFETCH (default): the next step's words, scales and zeros are loaded before this step's math, so a CTA keeps
-  its reads in flight while it computes (register double buffering); PREFETCH = 2 keeps two steps in flight
-  (ncu found the one-step kernel latency-bound: 8-12% occupancy, 29-35% of DRAM peak).
+  its reads in flight while it computes (register double buffering).
 - Per weight one mask-or (LOP3 with the mask in a register) and one float32 FMA, plus a shift: one per nibble, or
   with PAIRED (16-bit activations) one per byte: the byte moved to bits 15..22 gives both nibbles as exact floats,
   256 + c (bits 15..18) and 16 + c (bits 19..22). Per chunk and row sum (c - z) x = sum (BASE + c) x - sum BASE x
@@ -71,7 +70,6 @@ MASK_LO, MASK_HI = 0x78000, 0x780000  # bits 15..18 and 19..22; runtime argument
 # (BNB row groups per CTA, warps): CHUNKS follows as 16 * warps // KW (positions per step = half the threads).
 TILES = ((8, 4), (8, 2), (8, 1), (4, 4), (4, 2), (4, 1))
 MIN_CTAS = 2 * 132  # fewer row tiles than this: split K (split-K lost to no split at 256 row tiles on the H100)
-PREFETCH_CHOICES = (True, False, 2)  # prefetch depth the tuner times on the first three tiles: 1, 0, 2 steps
 SPLIT_CHOICES = (2, 4, 8)  # K splits the tuner also times on every shape: ncu (2026-11-24) saw the unsplit GEMV
 # at 8-12% achieved occupancy and 1.0-1.2 TB/s from DRAM, too few loads in flight; splits add CTAs
 _tuned: dict = {}  # (shape, dtypes, device) -> (bnb, chunks, warps, splits, prefetch, asm)
@@ -99,16 +97,6 @@ if triton is not None:
         return ((moved & MASK_HI) | 0x41800000).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _load_step(w_ptr, s_ptr, z_ptr, c, end, g_ok, u, w_offs, m_offs, NP, KW: tl.constexpr, R: tl.constexpr,
-                   CPG: tl.constexpr):
-        """Words, scales and zeros of the step starting at chunk ``c`` (chunks at or past ``end`` masked)."""
-        ok = g_ok & (c + u < end)
-        w = tl.load(w_ptr + c * (KW * R) + w_offs, mask=ok)  # no fill: s = 0 there cancels any words
-        s = tl.load(s_ptr + ((c + u) // CPG) * NP + m_offs, mask=ok, other=0)
-        z = tl.load(z_ptr + ((c + u) // CPG) * NP + m_offs, mask=ok, other=0)
-        return w, s, z
-
-    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, N, NP, K, ROW_STRIDE, CPS, SPLITS,
                      MASK_LO, MASK_HI, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, KW: tl.constexpr,
                      R: tl.constexpr, CPG: tl.constexpr, BNB: tl.constexpr, CHUNKS: tl.constexpr,
@@ -128,16 +116,16 @@ if triton is not None:
         xu = tl.arange(0, CHUNKS)[:, None]
         xj = tl.arange(0, KW)[None, :]
         acc = tl.full((CHUNKS, KW, BNB, R), 0, tl.float32)
-        w, s, z = _load_step(w_ptr, s_ptr, z_ptr, start, end, g_ok, u, w_offs, m_offs, NP, KW, R, CPG)
-        if PREFETCH == 2:  # two steps ahead: the step after next is in flight too
-            w1, s1, z1 = _load_step(w_ptr, s_ptr, z_ptr, start + CHUNKS, end, g_ok, u, w_offs, m_offs, NP, KW, R, CPG)
+        ok = g_ok & (start + u < end)
+        w = tl.load(w_ptr + start * (KW * R) + w_offs, mask=ok)  # no fill: s = 0 there cancels any words
+        s = tl.load(s_ptr + ((start + u) // CPG) * NP + m_offs, mask=ok, other=0)
+        z = tl.load(z_ptr + ((start + u) // CPG) * NP + m_offs, mask=ok, other=0)
         for c0 in range(start, end, CHUNKS):
-            if PREFETCH == 2:
-                w_next, s_next, z_next = _load_step(w_ptr, s_ptr, z_ptr, c0 + 2 * CHUNKS, end, g_ok, u, w_offs,
-                                                    m_offs, NP, KW, R, CPG)
-            elif PREFETCH:  # the next step's words, scales and zeros are in flight while this step computes
-                w_next, s_next, z_next = _load_step(w_ptr, s_ptr, z_ptr, c0 + CHUNKS, end, g_ok, u, w_offs, m_offs,
-                                                    NP, KW, R, CPG)
+            if PREFETCH:  # the next step's words, scales and zeros are in flight while this step computes
+                n_ok = g_ok & (c0 + CHUNKS + u < end)
+                w_next = tl.load(w_ptr + (c0 + CHUNKS) * (KW * R) + w_offs, mask=n_ok)
+                s_next = tl.load(s_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
+                z_next = tl.load(z_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
             x_ptrs = x_ptr + (c0 + xu) * C + xj
             x_ok = c0 + xu < end
             if ASM:  # packed 16-bit dequantization and products in inline PTX (w4a16_gemv_asm)
@@ -159,13 +147,15 @@ if triton is not None:
                 # sum (c - z) x = sum (BASE + c) x - sum BASE x - z sum x
                 corr = x_base[:, :, None, None] + z.to(tl.float32) * x_sum[:, :, None, None]
                 acc += s.to(tl.float32) * (part - corr)
-            if PREFETCH == 2:
-                w, s, z = w1, s1, z1
-                w1, s1, z1 = w_next, s_next, z_next
-            elif PREFETCH:
-                w, s, z = w_next, s_next, z_next
+            if PREFETCH:
+                w = w_next
+                s = s_next
+                z = z_next
             else:
-                w, s, z = _load_step(w_ptr, s_ptr, z_ptr, c0 + CHUNKS, end, g_ok, u, w_offs, m_offs, NP, KW, R, CPG)
+                n_ok = g_ok & (c0 + CHUNKS + u < end)
+                w = tl.load(w_ptr + (c0 + CHUNKS) * (KW * R) + w_offs, mask=n_ok)
+                s = tl.load(s_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
+                z = tl.load(z_ptr + ((c0 + CHUNKS + u) // CPG) * NP + m_offs, mask=n_ok, other=0)
         y = tl.reshape(tl.reduce(tl.reduce(acc, 0, _SUM), 0, _SUM), (BNB * R,))
         if ASM and F16:
             y = y * 16.0  # the fp16 pairs held x / 16 (exact: a power of two)
@@ -242,7 +232,7 @@ def _launch(x, layout, bias, y, config) -> None:
     """One launch with config (BNB, CHUNKS, warps, splits[, prefetch[, asm]]): prefetch defaults to on; asm as
     ``uses_asm`` says."""
     bnb, chunks, warps, splits = config[:4]
-    prefetch = int(config[4]) if len(config) > 4 else 1
+    prefetch = bool(config[4]) if len(config) > 4 else True
     use_asm = uses_asm(config, x.dtype, layout.scales.dtype)
     n, k = layout.out_features, layout.in_features
     per_split, splits = split_shape(layout, chunks, splits)
@@ -271,7 +261,7 @@ def candidates(layout, steps: tuple = (True, False)) -> list:
         loop_steps = triton.cdiv(layout.in_features // layout.chunk, tile[1])
         wanted = {1, auto_splits(layout, tile)} | {s for s in SPLIT_CHOICES if s <= loop_steps}
         split_options = {split_shape(layout, tile[1], s)[1] for s in wanted}  # each distinct launch once
-        for prefetch in PREFETCH_CHOICES if index < 3 else (True,):
+        for prefetch in (True, False) if index < 3 else (True,):
             for splits in sorted(split_options):
                 out += [tile + (splits, prefetch, step) for step in steps]
     return out
