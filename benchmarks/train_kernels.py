@@ -292,7 +292,7 @@ def train_run(args, quant: bool) -> tuple[list[float], list[float], int]:
         end.record()
         times.append((start, end))
     torch.cuda.synchronize()
-    del model, opt
+    del model, opt, sched  # the schedule holds the optimiser, which holds the parameters
     torch.cuda.empty_cache()
     return [float(v) for v in losses], [s.elapsed_time(e) for s, e in times], params
 

@@ -54,7 +54,7 @@ def lm_tables() -> dict:
             train_step(model, opt, sched, random_windows(train_ids, args.batch_size, args.seqlen, gen))
 
         tables[label] = kernel_table(step, warmup=5)
-        del model, opt
+        del model, opt, sched, step  # each holds the model or its optimiser state: free them before the next path
         torch.cuda.empty_cache()
     return tables
 

@@ -113,6 +113,22 @@ def test_philox_uniforms_equal_reference(device):
     assert torch.equal(u * 2**24, (u * 2**24).round()) and float(u.min()) >= 0 and float(u.max()) < 1
 
 
+@pytest.mark.parametrize("rows", [4, 8, 16, 32])
+def test_gpu_row_tiles_give_the_same_split(device, monkeypatch, rows):
+    """The row counts split_tile_rows picks on a GPU, run here with 128-column tiles: the same rows, norms, scale and
+    weights as the reference, for N that the tile does not divide (the noise is indexed by position)."""
+    bitsplit = _b()
+    if device == "cuda":
+        pytest.skip("the CPU tile hook; on CUDA the tile follows the SM count")
+    monkeypatch.setattr(bitsplit, "CPU_TILE", (rows, 128))
+    seed = _seed(device)
+    for n in (3, 37, 64):
+        g = torch.randn(n, 200, generator=torch.Generator().manual_seed(n)) * 1e-3
+        got, want = bitsplit.split_rows(g, seed), bitsplit.split_rows_reference(g, seed)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
 def test_split_tiles_fill_the_gpu():
     """32-row tiles for long gradients, halved to 4 CTAs per SM for the training shapes, never below 4 rows."""
     from lowbit.kernels.bitsplit import split_tile_rows

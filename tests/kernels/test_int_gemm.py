@@ -66,7 +66,8 @@ def test_int_matmul_kernel_hook_is_exact(device, bits_a, bits_b, k):
         assert torch.allclose(half.cpu().float(), want * scale.cpu(), rtol=2**-8, atol=0)
 
 
-def test_check_runs_on_cpu_and_is_opt_out(device):
+def test_check_runs_on_cpu_and_is_opt_out(device, monkeypatch):
+    monkeypatch.setenv("LOWBIT_KERNELS", "auto")  # CPU tensors: the reference, also where CUDA sets "triton"
     a = torch.zeros(4, 32)
     with pytest.raises(LowbitError, match="non-integer"):
         int_matmul(a + 0.5, a)
@@ -269,4 +270,8 @@ def test_fused_lsq_backward_inverse_equals_reference(device, block, pad, signs, 
     scale = 1 / (k * 7) ** 0.5 if per_row else 1 / (numel * 7) ** 0.5
     assert torch.all((got_s - want_s).abs() <= 1e-5 * scale * (terms.sum(dim=-1) if per_row else terms.sum()))
     got_b, got_sb = lsq_backward_inverse(grad, v, step, block, sgn, pad, -8, 7, numel, torch.bfloat16)
-    assert got_b.dtype == torch.bfloat16 and torch.equal(got_b, want_x.bfloat16()) and torch.equal(got_sb, got_s)
+    assert got_b.dtype == torch.bfloat16 and torch.equal(got_b, want_x.bfloat16())
+    # on the H100 the bf16-output launch summed the step gradient in another order than the float32 one (one-row,
+    # 256-column tiles compile to another layout), so it is held to the reference's bound, not to got_s's bits
+    bound = 1e-5 * scale * (terms.sum(dim=-1) if per_row else terms.sum())
+    assert torch.all((got_sb - want_s).abs() <= bound)

@@ -258,3 +258,22 @@ def test_mse_step_init_sees_every_channel_of_a_large_tensor():
         mse, lsq = mse_init(v, -qmax - 1, qmax), lsq_init(v, qmax)
         err = lambda s: float((torch.round((v / s).clamp(-qmax - 1, qmax)) * s - v).square().sum())
         assert err(mse) < err(lsq)
+
+
+def test_negative_shared_steps_keep_int4_gradients():
+    """LSQ steps are free parameters and may cross zero: with negative per-tensor steps the int4 backward still
+    follows the float backward of the same layer (folding the step into the rows' sampling weights zeroed it)."""
+    lin, x = _data(n=64)
+    grads = {}
+    for backward in ("int4", "float"):
+        layer = QuantTrainLinear(copy.deepcopy(lin), TrainQuantConfig(seed=1, backward=backward))
+        layer(x)  # initialises the steps from this batch
+        with torch.no_grad():
+            layer.weight_step.neg_()
+            layer.act_step.neg_()
+        xa = x.clone().requires_grad_()
+        layer(xa).square().sum().backward()
+        grads[backward] = (xa.grad, layer.weight.grad)
+    assert all(g.abs().sum() > 0 for g in grads["int4"])
+    assert _cos(grads["int4"][0], grads["float"][0]) > 0.85
+    assert _cos(grads["int4"][1], grads["float"][1]) > 0.85

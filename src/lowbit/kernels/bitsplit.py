@@ -33,6 +33,7 @@ except ImportError:
 SPLIT_BASE = 14.0
 SPLIT_RANGE = 98.0
 OUT_DTYPES = (torch.int8, torch.float8_e4m3fn, torch.float32)
+CPU_TILE = (64, 64)  # (rows, columns) per program on the interpreter; the GPU's rows come from split_tile_rows
 
 
 class SplitRows(NamedTuple):
@@ -154,7 +155,7 @@ def split_rows(g: torch.Tensor, seed: torch.Tensor, out_dtype: torch.dtype = tor
     weight = torch.empty(2 * n, device=g.device, dtype=torch.float32)
     scale = torch.empty((), device=g.device, dtype=torch.float32)
     bm, bc = (split_tile_rows(n, torch.cuda.get_device_properties(g.device).multi_processor_count), 128) \
-        if g.is_cuda else (64, 64)
+        if g.is_cuda else CPU_TILE
     _split_kernel[(triton.cdiv(n, bm),)](g, seed, amax, rows, sq, scale, weight, n, c, g.stride(0), rows.stride(0),
                                          BM=bm, BC=bc, num_warps=4 if g.is_cuda else 1)
     return SplitRows(rows, sq, scale, weight)

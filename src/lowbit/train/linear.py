@@ -78,8 +78,9 @@ class _QuantLinearFn(torch.autograd.Function):
             qw = rotate_quantize(weight, rot, weight_step, cfg.bits, operand)
             if qx.step.dim() == 0 and qw.step.dim() == 0:  # one scale: applied in the GEMM's epilogue, which also
                 # rounds to the output dtype when no bias follows (no float32 copy written and converted after)
+                fused = bias is None and out_dtype in (torch.bfloat16, torch.float16)
                 y = int_matmul_scaled(qx.q, qw.q, qx.step * qw.step, bits_a=cfg.bits, bits_b=cfg.bits,
-                                      out_dtype=torch.float32 if bias is not None else out_dtype)
+                                      out_dtype=out_dtype if fused else torch.float32)
             else:
                 acc = int_matmul(qx.q, qw.q, bits_a=cfg.bits, bits_b=cfg.bits).float()
                 y = acc * qx.step * qw.step.reshape(1, -1) if qw.step.dim() else acc * (qx.step * qw.step)
@@ -156,16 +157,16 @@ def _grads_hadamard_domain(g, qx: Quantized, qw: Quantized, cfg: TrainQuantConfi
     if cfg.backward == "int8":
         gx, gw = bwd.int8_grads(g_in, g_w, qx.q.float(), qw.q.float(), gen, cfg.bits, need_x, need_w)
         return (gx * epi_in if gx is not None else None), (gw * epi_w if gw is not None else None)
-    # int4: a shared step scales every split row's weight instead of the N x K and C x K results (one pass each
-    # over memory saved); the sampling probabilities do not change with a common factor of the scores
     if cfg.bits > 4:
         raise LowbitError(f"the int4 backward needs 4-bit forward operands, got bits={cfg.bits}; use backward='int8'")
     xq, wq = _int_operand(qx.q), _int_operand(qw.q)
     rows_in, weight_in, sq_in = bwd.split_rows_with_norms(g_in, gen)
     rows_w, weight_w, sq_w = (rows_in, weight_in, sq_in) if shared else bwd.split_rows_with_norms(g_w, gen)
     ratio = cfg.sampling_ratio
-    gx = bwd.int4_grad_input(rows_in, weight_in * epi_in, wq, ratio, gen, cfg.bits, sq_in) if need_x else None
-    gw = bwd.int4_grad_weight(rows_w, weight_w * epi_w, xq, ratio, gen, cfg.bits, sq_w) if need_w else None
+    # a shared step multiplies the results, not the rows' weights: LSQ steps may turn negative, and the sampling
+    # scores (weights times norms) are clipped at zero
+    gx = bwd.int4_grad_input(rows_in, weight_in, wq, ratio, gen, cfg.bits, sq_in) * epi_in if need_x else None
+    gw = bwd.int4_grad_weight(rows_w, weight_w, xq, ratio, gen, cfg.bits, sq_w) * epi_w if need_w else None
     return gx, gw
 
 
