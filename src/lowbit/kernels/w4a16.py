@@ -7,7 +7,8 @@ rounding: the kernels accumulate in float32 and keep 16-bit scales when x is 16-
 - M == 1 (decode), a GEMV on CUDA cores: one shift and one mask-or per weight put the nibble c in the top
   mantissa bits of 1.0, giving 1 + c/16 exactly; one FMA per weight accumulates it against x, and per group
   sum (c - z) x = 16 sum (1 + c/16) x - (16 + z) sum x removes the 1 (cancelling ~4 of float32's 24 bits).
-  It lives in ``w4a16_gemv`` (one launch: row tiles, K split only for narrow N and reduced in-kernel, 16-byte loads).
+  It lives in ``w4a16_gemv`` (one launch: row tiles, K split where the tuner finds it faster and reduced in-kernel,
+  16-byte loads).
 - M >= 2, ``w4a16_gemm``: a fused tiled GEMM (out^T = W X^T, the weight tile dequantized in registers with the
   same trick, one dot per nibble plane) or, where it was faster, the whole weight dequantized (bit for bit
   ``weight.dequantize``) then cuBLAS; on CUDA a timed search per shape and row bucket picks the config and path.

@@ -9,7 +9,8 @@ its tail cost as much as the reads, so every call is ONE launch:
   (CHUNKS * KW of them, fewer than the threads) are loaded straight into the threads that use them. With more
   positions than threads Triton routes x through shared memory (a barrier per nibble plane per step): the previous
   kernel's (BNB, CHUNKS, KW, R) tiles with 16-chunk steps did, and issued ~5-8 SASS instructions per weight.
-- Split-K for narrow N (few row tiles), reduced inside the same launch: each CTA stores its float32 partial, then
+- Split-K (the heuristic splits narrow N, with few row tiles; the tuner also times 2, 4 and 8 parts on every
+  shape), reduced inside the same launch: each CTA stores its float32 partial, then
   bumps the tile's counter (acq_rel); the CTA that sees SPLITS - 1 is the last, sums the partials in split order
   (the same bits every run), adds the bias, writes y and resets the counter to zero, so the counters stay reusable
   (also across CUDA-graph replays). Counters: eager calls keep one zeroed tensor per (device, stream); a call being
