@@ -24,26 +24,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from inference_kernels import Config, median_us  # noqa: E402
+from inference_kernels import Config, median_us, run_cases, short  # noqa: E402
 
-from lowbit.report import print_markdown, write_json  # noqa: E402
+from lowbit.report import print_markdown  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
 ROWS = [2048, 8192]
 IMPRECISE = [None, 32, 64, 128]
 FP8 = torch.float8_e4m3fn
-
-
-def short(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:300]}"
 
 
 def codes(rows: int, k: int, lo: int, hi: int, gen: torch.Generator) -> torch.Tensor:
@@ -71,7 +66,7 @@ def cublas_sums(a, b, fast: bool, row: dict) -> torch.Tensor:
         ones_a, ones_b = torch.ones(a.shape[0], 1, device="cuda"), torch.ones(1, b.shape[0], device="cuda")
         return cublas_fp8(a, b, ones_a, ones_b, fast, torch.float32)
     except (RuntimeError, ValueError) as err:
-        row["sums_scaling"] = f"tensor-wise (row-wise with float32 output: {short(err)})"
+        row["sums_scaling"] = f"tensor-wise (row-wise with float32 output: {short(err, 300)})"
         one = torch.ones((), device="cuda")
         return torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=fast)
 
@@ -112,7 +107,7 @@ def bench_case(n: int, k: int, m: int, cfg: Config) -> list[dict]:
                 row["max_err_codes16"] = (sums(a16, b16, row).double() - exact16).abs().max().item()
                 row["sums_config"] = config() if config else None  # float32 output: its own autotune key
         except Exception as err:  # noqa: BLE001 - still time it
-            row["error"] = f"exactness check: {short(err)}"
+            row["error"] = f"exactness check: {short(err, 300)}"
             print(f"  {name}: exactness n/a ({row['error']})", flush=True)
         try:
             args = (x_bf16, w_bf16, sa, sb) if name == "bf16_linear" else (a8, b8, sa, sb)
@@ -122,7 +117,7 @@ def bench_case(n: int, k: int, m: int, cfg: Config) -> list[dict]:
             base = row["us"] if name == "bf16_linear" else base
             row["speedup_vs_bf16"] = base / row["us"] if base else None
         except Exception as err:  # noqa: BLE001 - one failing variant must not hide the others
-            row["error"] = "; ".join(filter(None, (row["error"], short(err))))
+            row["error"] = "; ".join(filter(None, (row["error"], short(err, 300))))
             print(f"  {name}: n/a ({row['error']})", flush=True)
         rows.append(row)
         print(f"  {name}: {row['us'] and round(row['us'], 1)} us, errors {row['max_err_codes8']} / "
@@ -171,20 +166,8 @@ def main(argv=None) -> None:
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "argv": sys.argv[1:], "iters": a.iters, "graphs": cfg.graphs, "autotuned": not use_fixed_config(),
             "lowbit_kernels": os.environ.get("LOWBIT_KERNELS", "auto")}
-    rows, start = [], time.time()
-    for n, k in shapes:
-        for m in rows_m:
-            print(f"{n}x{k} M={m} ({time.time() - start:.0f} s)", flush=True)
-            try:
-                rows.extend(bench_case(n, k, m, cfg))
-            except Exception as err:  # noqa: BLE001
-                print(f"  case failed: {short(err)}", flush=True)
-                rows.append({"n": n, "k": k, "m": m, "case_error": short(err)})
-            write_json([{"meta": meta}] + rows, a.out)  # partial results survive a timeout
-    print_table([r for r in rows if "variant" in r])
-    meta["seconds"] = time.time() - start
-    print(f"\n{meta['seconds']:.0f} s in all")
-    write_json([{"meta": meta}] + rows, a.out)
+    run_cases([(n, k, m) for n, k in shapes for m in rows_m], lambda n, k, m: bench_case(n, k, m, cfg), meta,
+              a.out, lambda rows: print_table([r for r in rows if "variant" in r]), limit=300)
 
 
 if __name__ == "__main__":

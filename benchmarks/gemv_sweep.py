@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from inference_kernels import ROTATE_BYTES, Config, median_us, rel_error, tinygemm_weight  # noqa: E402
+from inference_kernels import ROTATE_BYTES, Config, median_us, rel_error, short, tinygemm_weight  # noqa: E402
 
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.report import print_markdown, write_json  # noqa: E402
@@ -42,10 +42,6 @@ from lowbit.report import print_markdown, write_json  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (1024, 4096)]
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # tests/kernels/test_w4a16.py
-
-
-def short(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:200]}"
 
 
 def label(kind: str, config) -> str:

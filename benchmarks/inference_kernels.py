@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -138,6 +139,31 @@ def cublas_yardsticks(acts, codes: torch.Tensor, scales: torch.Tensor, errors: d
     except (RuntimeError, AttributeError, TypeError) as err:  # an op missing or refusing these layouts here
         errors["cublas_yardstick_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
     return out
+
+
+def short(err: BaseException, limit: int = 200) -> str:
+    """An exception in one line: its type and the last line of its message, cut at ``limit`` characters."""
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:limit]}"
+
+
+def run_cases(cases, bench: Callable, meta: dict, out: Path, report: Callable, limit: int = 200) -> list[dict]:
+    """Each (n, k, m) of ``cases`` through ``bench`` (it returns a list of rows): a failing case is recorded and
+    the others still run; the JSON is rewritten after every case (partial results survive a timeout), ``report``
+    prints the rows, and the JSON is written once more with the total seconds in ``meta``."""
+    rows, start = [], time.time()
+    for n, k, m in cases:
+        print(f"{n}x{k} M={m} ({time.time() - start:.0f} s)", flush=True)
+        try:
+            rows.extend(bench(n, k, m))
+        except Exception as err:  # noqa: BLE001 - one failing case must not hide the others
+            print(f"  case failed: {short(err, limit)}", flush=True)
+            rows.append({"n": n, "k": k, "m": m, "case_error": short(err, limit)})
+        write_json([{"meta": meta}] + rows, out)
+    report(rows)
+    meta["seconds"] = time.time() - start
+    print(f"\n{meta['seconds']:.0f} s in all")
+    write_json([{"meta": meta}] + rows, out)
+    return rows
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -18,26 +18,21 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from inference_kernels import ROTATE_BYTES, Config, median_us  # noqa: E402
+from inference_kernels import ROTATE_BYTES, Config, median_us, run_cases, short  # noqa: E402
 
 from lowbit.errors import LowbitError  # noqa: E402
-from lowbit.report import print_markdown, write_json  # noqa: E402
+from lowbit.report import print_markdown  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 ROWS = [2, 4, 16, 64, 128, 512, 2048]
 TOL = 1e-2  # bf16 bound of tests/kernels/test_w4a16.py
-
-
-def short(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:200]}"
 
 
 def load_old(path: Path):
@@ -146,20 +141,8 @@ def main(argv=None) -> None:
     cfg = Config(tuple(SHAPES), tuple(rows_m), a.iters, a.warmup, a.group, True, a.seed)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "argv": sys.argv[1:], "iters": a.iters}
-    rows, start = [], time.time()
-    for n, k in SHAPES:
-        for m in rows_m:
-            print(f"{n}x{k} M={m} ({time.time() - start:.0f} s)", flush=True)
-            try:
-                rows.append(bench_case(n, k, m, a.group, cfg, old))
-            except Exception as err:  # noqa: BLE001
-                print(f"  case failed: {short(err)}", flush=True)
-                rows.append({"n": n, "k": k, "m": m, "case_error": short(err)})
-            write_json([{"meta": meta}] + rows, a.out)  # partial results survive a timeout
-    print_table([r for r in rows if "us" in r])
-    meta["seconds"] = time.time() - start
-    print(f"\n{meta['seconds']:.0f} s in all")
-    write_json([{"meta": meta}] + rows, a.out)
+    run_cases([(n, k, m) for n, k in SHAPES for m in rows_m], lambda n, k, m: [bench_case(n, k, m, a.group, cfg, old)],
+              meta, a.out, lambda rows: print_table([r for r in rows if "us" in r]))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.dispatch import backend_for
+from lowbit.kernels.quantize import filling_rows
 
 try:
     import triton
@@ -129,10 +130,7 @@ def split_tile_rows(n: int, multiprocessors: int) -> int:
     """Rows per CTA on the GPU: 32, halved (down to 4) until the grid has 4 CTAs per SM. ncu (H100, 2026-11-24):
     32-row tiles gave 8192 tokens 256 CTAs at 12% occupancy, compute stalls unhidden. The rows' sums of squares
     are exact integers, so the tile changes no result."""
-    rows = 32
-    while rows > 4 and -(-n // rows) < 4 * multiprocessors:
-        rows //= 2
-    return rows
+    return filling_rows(n, 32, 4, multiprocessors)
 
 
 def split_rows(g: torch.Tensor, seed: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> SplitRows:

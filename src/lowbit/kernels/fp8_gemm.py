@@ -40,6 +40,8 @@ from lowbit.kernels.w4a16 import use_fixed_config
 try:
     import triton
     import triton.language as tl
+
+    from lowbit.kernels.int_gemm import grouped_tile
 except ImportError:  # the reference path needs no Triton
     triton = None
 
@@ -144,14 +146,7 @@ if triton is not None:
                          HAS_BIAS: tl.constexpr, IMPRECISE: tl.constexpr, EVEN_K: tl.constexpr,
                          GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # grouped launch order: GROUP_M row-blocks reuse each b tile while it is in L2
-        pid = tl.program_id(0)
-        grid_m = tl.cdiv(M, BLOCK_M)
-        grid_n = tl.cdiv(N, BLOCK_N)
-        width = GROUP_M * grid_n
-        first_m = (pid // width) * GROUP_M
-        rows_here = tl.minimum(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % rows_here
-        pid_n = (pid % width) // rows_here
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)

@@ -187,10 +187,15 @@ def row_tiles(m: int, k: int, block: int, device: torch.device) -> RowTiles:
 def gpu_row_tiles(m: int, k: int, block: int, multiprocessors: int) -> RowTiles:
     """``row_tiles`` on a GPU with ``multiprocessors`` SMs (a pure function, so the CPU tests can check it)."""
     cols = next((c for c in (256, 128) if c >= block and k % c == 0), max(block, 64))
-    rows = max(1, 4096 // cols)
-    while rows > 1 and -(-m // rows) < CTAS_PER_SM * multiprocessors:
-        rows //= 2
+    rows = filling_rows(m, max(1, 4096 // cols), 1, multiprocessors)
     return RowTiles(rows, cols, max(1, min(8, rows * cols // 256)))
+
+
+def filling_rows(m: int, rows: int, fewest: int, multiprocessors: int) -> int:
+    """``rows`` per CTA, halved (not below ``fewest``) until ``m`` rows give ``CTAS_PER_SM`` CTAs per SM."""
+    while rows > fewest and -(-m // rows) < CTAS_PER_SM * multiprocessors:
+        rows //= 2
+    return rows
 
 
 def _launch(x, block, signs, pad, step, mode, qmin, qmax, out_dtype, save_v, inverse):

@@ -259,7 +259,7 @@ def candidates(layout, steps: tuple = (True, False)) -> list:
     out = []
     for index, (bnb, warps) in enumerate(TILES):
         tile = (bnb, tile_chunks(layout, warps), warps)
-        loop_steps = triton.cdiv(layout.in_features // layout.chunk, tile[1])
+        loop_steps = split_shape(layout, tile[1], 1)[0]  # unsplit: steps per row tile
         wanted = {1, auto_splits(layout, tile)} | {s for s in SPLIT_CHOICES if s <= loop_steps}
         split_options = {split_shape(layout, tile[1], s)[1] for s in wanted}  # each distinct launch once
         for prefetch in (True, False) if index < 3 else (True,):
