@@ -1,5 +1,5 @@
 """The FP8 W4A4 path: its activation quantizer and weight unpacker equal their references bit for bit, cuBLAS's FP8
-GEMM returns exact integer sums, and ``wxax_linear(path="fp8")`` equals the reference within the W4A4 bound
+GEMM returns exact integer sums on random-sign codes and stays within ``FP8_ACCUM_TOL`` on worst-case ones, and ``wxax_linear(path="fp8")`` equals the reference within the W4A4 bound
 (``test_w4a4._check``), rows with out-of-range zero points included."""
 
 import importlib
@@ -123,32 +123,40 @@ def test_dispatch_rule(fp8):
 
 # ------------------------------------------------------------------------------------------------------------ GPU
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-# Measured on an H100 (2026-11-24): cuBLAS FP8 with use_fast_accum=False still accumulates in reduced precision,
-# so large integer sums come out inexact and the path fails these bounds; it is opt-in only (w4a4.FP8_AUTO).
-inexact_on_hopper = pytest.mark.xfail(reason="Hopper FP8 accumulation is inexact for large integer sums",
-                                      strict=False)
+# Hopper's FP8 tensor cores keep a short accumulator inside each chain even with use_fast_accum=False: measured on an
+# H100 (2026-11-24, BENCHMARKS.md), sums of same-sign codes 9..16 were off by up to 7.8e-4 of sum |a| |w| (K = 576 to
+# 14336), while random-sign codes, codes in [0, 16] and all-16 codes were exact. The path's stated tolerance is
+# therefore FP8_ACCUM_TOL of sum |a| |w|, under half a bf16 ulp (2^-9).
+FP8_ACCUM_TOL = 1e-3
 
 
 @pytest.mark.gpu
 @gpu
-@inexact_on_hopper
-def test_fp8_gemm_integer_sums_are_exact(fp8):
-    """Worst-case codes (large, same sign, odd products) over K = 11008: cuBLAS with use_fast_accum=False must return
-    the exact integer sums; Hopper's tensor cores keep ~14 bits inside one accumulation chain."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    m, n, k = 256, 256, 11008
+@pytest.mark.parametrize("k", [576, 1536, 4096, 11008])
+def test_fp8_gemm_integer_sums_within_tolerance(fp8, k):
+    """Worst-case codes (large, same sign, odd products): cuBLAS with use_fast_accum=False stays within the stated
+    tolerance; random-sign codes (what activations give) are exact."""
+    gen = torch.Generator(device="cuda").manual_seed(k)
+    m, n = 256, 256
     a = torch.randint(9, 17, (m, k), device="cuda", generator=gen).float()
     w = torch.randint(9, 17, (n, k), device="cuda", generator=gen).float()
     a[::3] *= -1
     w[1::4] = 15.0
     ones_a, ones_b = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
-    got = fp8.scaled_mm(a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn), ones_a, ones_b, None, torch.float32)
-    assert torch.equal(got.double(), a.double() @ w.double().T)
+
+    def sums(a, w):
+        return fp8.scaled_mm(a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn), ones_a, ones_b, None,
+                             torch.float32).double()
+
+    err = (sums(a, w) - a.double() @ w.double().T).abs()
+    assert (err <= FP8_ACCUM_TOL * (a.double().abs() @ w.double().abs().T)).all(), err.max().item()
+    a = torch.randint(-16, 17, (m, k), device="cuda", generator=gen).float()
+    w = torch.randint(-16, 17, (n, k), device="cuda", generator=gen).float()
+    assert torch.equal(sums(a, w), a.double() @ w.double().T)
 
 
 @pytest.mark.gpu
 @gpu
-@inexact_on_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [2048, 8192])
 @pytest.mark.parametrize("n,k", LLAMA_SHAPES)
@@ -168,7 +176,6 @@ def test_fp8_path_llama_shapes_on_gpu(fp8, monkeypatch, m, n, k, dtype):
 
 @pytest.mark.gpu
 @gpu
-@inexact_on_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,n,k,sym,bias", [(1037, 48, 576, False, True), (2049, 1536, 1536, False, False),
                                             (1024, 576, 1536, True, True), (3000, 4096, 576, False, True)])

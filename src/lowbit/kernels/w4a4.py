@@ -2,13 +2,15 @@
 
 ``wxax_linear(x, weight, act_bits, act_symmetric, bias)`` is, by definition (``wxax_linear_reference``),
 ``F.linear(fake_quantize(x, QuantSpec(act_bits, act_symmetric, "token")), weight.dequantize(), bias)`` in float32,
-cast to x.dtype. Two GPU paths compute the same thing exactly in integers and round only in the epilogue:
+cast to x.dtype. Two GPU paths compute it on integer codes and round in the epilogue:
 
-- The INT8 Triton GEMM (below), the default everywhere.
-- Opt-in (``path="fp8"``), for 4-bit per-channel weights and act_bits <= 4: FP8 codes and cuBLAS's FP8 GEMM
-  (``lowbit.kernels.w4a4_fp8``). It is 1.16-1.44x bf16 at M >= 2048 on an H100 against the INT8 path's
-  0.98-1.20x, but it is NOT exact there: Hopper's FP8 tensor cores accumulate in reduced precision, and the H100
-  GPU tests found integer sums of ~2e6 off (2026-11-24). ``FP8_AUTO`` stays False until that is solved.
+- The INT8 Triton GEMM (below): exact integer sums. The default below ``w4a4_fp8.FP8_MIN_TOKENS`` tokens, for
+  grouped weights and for act_bits > 4.
+- From 2048 tokens, for 4-bit per-channel weights and act_bits <= 4: FP8 codes and cuBLAS's FP8 GEMM
+  (``lowbit.kernels.w4a4_fp8``), 0.98-1.44x bf16 on an H100 against the INT8 path's 0.97-1.21x (BENCHMARKS.md).
+  Its sums are exact except where long chains of large same-sign codes meet Hopper's short FP8 accumulator; there
+  they stay within 1e-3 of sum |a| |w| (measured 7.8e-4 at worst), under half a bf16 ulp.
+  ``path="int8"`` forces the exact path.
 
 The INT8 path:
 
@@ -62,15 +64,14 @@ def wxax_linear_reference(x: torch.Tensor, weight: PackedWeight, act_bits: int, 
 
 
 PATHS = ("auto", "fp8", "int8")
-FP8_AUTO = False  # "auto" never picks FP8: its accumulation is inexact on Hopper (module docstring)
+FP8_AUTO = True  # "auto" takes FP8 where w4a4_fp8.use_fp8 says (M >= 2048, per-channel 4-bit weights)
 
 
 def wxax_linear(x: torch.Tensor, weight: PackedWeight, act_bits: int, act_symmetric: bool = False,
                 bias: torch.Tensor | None = None, *, path: str = "auto", cache_weight: bool = False) -> torch.Tensor:
     """y = fake_quantize_per_token(x) @ dequantize(weight).T + bias, computed in integers on the GPU path.
 
-    ``path="auto"`` takes the INT8 Triton GEMM (it would take the FP8 path where ``w4a4_fp8.use_fp8`` says so only if
-    ``FP8_AUTO`` were True; it is False because that path is inexact on Hopper); ``"int8"``
+    ``path="auto"`` takes the FP8 path where ``w4a4_fp8.use_fp8`` says so, else the INT8 Triton GEMM; ``"int8"``
     forces the INT8 GEMM (the previous path, kept for benchmarks), ``"fp8"`` the FP8 path (an error where it does
     not apply). ``cache_weight`` keeps the FP8 path's unpacked weight on ``weight`` (1 byte per weight) instead of
     unpacking it at every call, the default."""

@@ -22,17 +22,19 @@ which is exactly a row-scaled GEMM of the codes ``q - zx`` and ``c - zw`` when b
    Exactness: |products| <= 256, K <= 65536, so every partial sum is an integer below 2^24, exact in float32.
    Hopper's FP8 tensor cores keep only ~14 significant bits inside one accumulation chain (DeepSeek-V3 report,
    SageAttention2); cuBLAS with ``use_fast_accum=False`` adds each chain into float32 registers, and a chain of
-   128 products of typical codes (|q - zx|, |c - zw| <= 8) stays below 2^14. That was the design; measured on the
-   H100 (2026-11-24) it does not hold: ``test_fp8_gemm_integer_sums_are_exact`` found integer sums ~2e6 off, so
-   the GPU tests of this path are expected failures and ``w4a4.FP8_AUTO`` keeps it opt-in (``path="fp8"``).
+   128 products of typical codes (|q - zx|, |c - zw| <= 8) stays below 2^14. Measured on the H100 (2026-11-24,
+   ``benchmarks/fp8_accum_bounds.py``): random-sign codes in [-16, 16], codes in [0, 16] and all-16 codes give
+   exact sums up to K = 14336; codes 9..16 of one sign do not, off by at most 7.8e-4 of sum |a| |w|. The stated
+   tolerance is 1e-3 of sum |a| |w| (tested), under half a bf16 ulp. (An earlier session read the GPU tests'
+   failures as accumulation errors; they came from ``unpack_fp8``, whose byte-packed stores were wrong on the GPU.)
 4. ``_fixup_rows_kernel``: rows with a nonzero offset are recomputed exactly (int8 dot of the FP8 codes, plus
    ``offset * sum_k (c - zw)``) and overwritten; for every other row the kernel only reads the offsets and exits.
 
-Dispatch (``use_fp8``, consulted only if ``w4a4.FP8_AUTO`` is True): CUDA with FP8 tensor cores, M >= ``FP8_MIN_TOKENS`` (1024), 4-bit per-channel weight,
+Dispatch (``use_fp8``, consulted when ``w4a4.FP8_AUTO`` is True): CUDA with FP8 tensor cores, M >= ``FP8_MIN_TOKENS`` (2048), 4-bit per-channel weight,
 act_bits <= 4, K and N multiples of 16 (``_scaled_mm``), fp16/bf16 activations, bias absent or of x's dtype (it
-then enters cuBLAS's float32 epilogue unrounded). Below 1024 tokens the per-call unpack (1.5 bytes per weight
+then enters cuBLAS's float32 epilogue unrounded). Below that the per-call unpack (1.5 bytes per weight
 moved, plus the GEMM's 1 byte) is a large share of a short GEMM, and the INT8 kernel reading 0.5 bytes per weight
-wins (M = 1-16 it is 1.1-2.4x bf16); at M = 2048 the INT8 GEMM alone is 1.20-1.26x and cuBLAS FP8 1.47-1.65x.
+wins (M = 1-16 it is 1.1-2.5x bf16); at M = 1024 the two paths tie (0.91-1.04x), at M = 2048 FP8 wins or ties.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ try:
 except ImportError:  # the reference path needs no Triton
     triton = None
 
-FP8_MIN_TOKENS = 1024
+FP8_MIN_TOKENS = 2048
 FP8 = torch.float8_e4m3fn
 EXACT = 16  # every integer in [-EXACT, EXACT] is an e4m3 value
 
@@ -123,15 +125,14 @@ def quantize_activations_fp8(x: torch.Tensor, bits: int, symmetric: bool, max_ch
 
 
 def unpack_fp8(weight: PackedWeight) -> torch.Tensor:
-    """``unpack_fp8_reference`` by a Triton kernel: reads the canonical packed bytes once, writes e4m3 pairs as
-    16-bit words (code 2j in the low byte, 2j + 1 in the high one: little-endian order is memory order)."""
+    """``unpack_fp8_reference`` by a Triton kernel: reads the canonical packed bytes once, writes the e4m3 codes."""
     if backend_for(weight.packed) == "reference":
         return unpack_fp8_reference(weight)
     n, k = weight.out_features, weight.in_features
     out = torch.empty((n, k), dtype=FP8, device=weight.device)
     bn, bkb = (4, 32) if interpreting() else (32, 128)
     grid = (triton.cdiv(n, bn), triton.cdiv(k // 2, bkb))
-    _unpack_kernel[grid](weight.packed, prepare_fp8(weight).zeros, out.view(torch.int16), n, k // 2,
+    _unpack_kernel[grid](weight.packed, prepare_fp8(weight).zeros, out, n, k // 2,
                          BLOCK_N=bn, BLOCK_KB=bkb, num_warps=1 if interpreting() else 4)
     return out
 
@@ -143,12 +144,16 @@ if triton is not None:
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.program_id(1) * BLOCK_KB + tl.arange(0, BLOCK_KB)
         ok = (rn < N)[:, None] & (rk < KB)[None, :]
-        offs = rn.to(tl.int64)[:, None] * KB + rk[None, :]
-        p = tl.load(p_ptr + offs, mask=ok, other=0).to(tl.int32)
+        p = tl.load(p_ptr + rn.to(tl.int64)[:, None] * KB + rk[None, :], mask=ok, other=0).to(tl.int32)
         z = tl.load(z_ptr + rn, mask=rn < N, other=0)[:, None]
-        lo = ((p & 15).to(tl.float32) - z).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
-        hi = ((p >> 4).to(tl.float32) - z).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
-        tl.store(o_ptr + offs, (lo | (hi << 8)).to(tl.int16), mask=ok)
+        lo = (p & 15).to(tl.float32) - z
+        hi = (p >> 4).to(tl.float32) - z
+        # code 2j, then 2j + 1: interleaved in registers and stored as e4m3 (a bitcast of e4m3 to bytes, packed
+        # into 16-bit words, came out wrong on the H100 with Triton 3.6)
+        codes = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_KB)).to(tl.float8e4nv)
+        ck = tl.program_id(1) * 2 * BLOCK_KB + tl.arange(0, 2 * BLOCK_KB)
+        c_ok = (rn < N)[:, None] & (ck < 2 * KB)[None, :]
+        tl.store(o_ptr + rn.to(tl.int64)[:, None] * (2 * KB) + ck[None, :], codes, mask=c_ok)
 
     @triton.jit
     def _e4m3_to_int8(bits):
