@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--scale-init", default=None, choices=SCALE_INITS,
                    help="start of the learnt scales (omniquant, affinequant): SmoothQuant's, or the identity (the "
                         "plain model); default SmoothQuant's, the identity for AffineQuant weight-only")
+    c.add_argument("--mlp-scales", action=argparse.BooleanOptionalAction, default=None,
+                   help="diagonal scales on the MLP's inner pair (up_proj → down_proj, fc1 → fc2), which the papers "
+                        "leave out (smoothquant, omniquant with activation bits, affinequant)")
     c.add_argument("--sf", type=float, default=None, help="AffineQuant stability factor (default 0.1 with activation quantization, else 0.01)")
     c.add_argument("--aug-loss", action="store_true", help="also match the FP block on the quantized inputs")
     c.add_argument("--norm-matrices", action="store_true", help="AffineQuant: full matrices after the norms (kept as online ops)")
@@ -184,7 +187,8 @@ def _run_quantize(args) -> int:
     config = QuantConfig(method=args.method, wbits=args.wbits, abits=args.abits, group_size=args.group_size,
                          nsamples=args.nsamples, seqlen=args.calib_seqlen, calib_data=args.calib_data, seed=args.seed,
                          epochs=args.epochs, batch_size=args.calib_batch_size, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
-                         alpha=args.alpha, sf=args.sf, scale_init=args.scale_init, aug_loss=args.aug_loss,
+                         alpha=args.alpha, sf=args.sf, scale_init=args.scale_init, mlp_scales=args.mlp_scales,
+                         aug_loss=args.aug_loss,
                          norm_matrices=args.norm_matrices,
                          rounding=args.rounding, gptq_grid=args.gptq_grid, gptq_act_order=args.gptq_act_order)
     config = dataclasses.replace(config, let_lr=default_let_lr(config))  # quantization.json records the rate used

@@ -20,7 +20,7 @@ SCALE_INITS = ("smoothquant", "identity")  # where learnt transforms start (see 
 SCALE_LEARNING_METHODS = ("omniquant", "affinequant")  # the methods --scale-init applies to
 # Fields added after the first release: written out only when they differ from their defaults, so the checkpoint
 # manifests of runs started before them still match (resume) and older readers still load plain configs.
-_LATER_FIELDS = ("scale_init", "rounding", "gptq_grid", "gptq_act_order", "gptq_damp", "gptq_block_size")
+_LATER_FIELDS = ("scale_init", "mlp_scales", "rounding", "gptq_grid", "gptq_act_order", "gptq_damp", "gptq_block_size")
 
 
 def _check_bits(name: str, value: Any) -> None:
@@ -57,6 +57,9 @@ class QuantConfig:
     # start of the learnt scales: SmoothQuant's amax^alpha / wmax^(1-alpha), or the identity (the weights start
     # as the plain model's, where a LWC-only method starts; shifts keep their own start); None: the recipe's
     scale_init: str | None = None
+    # diagonal scales on the MLP's inner pair (up→down, fc1→fc2), which the papers leave without any transform;
+    # None: the recipe's (``lowbit.ptq.recipes.default_mlp_scales``)
+    mlp_scales: bool | None = None
     # final rounding of the weights: None is the method's own (GPTQ for ``gptq``, round-to-nearest otherwise);
     # "gptq" after a calibrating method rounds its merged weights by GPTQ on the grid it learnt (weight-only)
     rounding: str | None = None

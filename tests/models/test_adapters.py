@@ -28,6 +28,9 @@ def test_pairs_resolve_and_shapes_match(arch):
             targets = [block.get_submodule(t) for t in pair.targets]
             if pair.kind == "norm":
                 assert all(t.in_features == source.weight.shape[0] for t in targets)
+            elif pair.elementwise:  # up -> down, fc1 -> fc2: one scale per inner feature
+                assert pair.kind == "linear" and not pair.per_head
+                assert targets[0].in_features == source.out_features
             elif pair.kind == "linear":  # v -> o: o reads every query head's copy of its KV head
                 assert source.out_features == heads.num_kv_heads * heads.head_dim
                 assert targets[0].in_features == heads.num_heads * heads.head_dim

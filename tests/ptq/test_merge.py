@@ -13,6 +13,8 @@ PLANS = {
     "scales+shifts": TransformPlan(scales=True, shifts=True),
     "matrices": TransformPlan(scales=True, shifts=True, matrices=True, sf=0.3),
     "norm_matrices": TransformPlan(scales=True, shifts=True, matrices=True, norm_matrices=True, sf=0.3),
+    # the MLP's inner pair through SwiGLU's product / OPT's ReLU: exact only as a positive diagonal without shift
+    "mlp_scales": TransformPlan(scales=True, shifts=True, matrices=True, norm_matrices=True, sf=0.3, mlp_scales=True),
 }
 
 
@@ -60,7 +62,7 @@ def test_transform_and_merge_keep_logits(arch, plan_name):
     with torch.no_grad():
         got = model(ids).logits
     assert (got - expected).abs().max() <= 1e-3
-    assert bool(online) == (plan_name == "norm_matrices")  # only a full norm matrix stays online
+    assert bool(online) == PLANS[plan_name].norm_matrices  # only a full norm matrix stays online
 
 
 def test_shifts_only_where_biases_absorb_them():
@@ -73,3 +75,34 @@ def test_shifts_only_where_biases_absorb_them():
                                  TransformPlan(scales=True, shifts=True), None, None)
         calib.init_transforms(x, kwargs, batch=1)
         assert any(t.shift is not None for t in calib.transforms.values()) == expect_shift
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_mlp_pair_is_a_diagonal_without_shift_and_only_when_asked(arch):
+    model = make_tiny_model(arch)
+    adapter = adapter_for(model.config.model_type)
+    ids = torch.randint(0, 384, (1, 8), generator=torch.Generator().manual_seed(1))
+    x, kwargs = capture_block_inputs(model, adapter, ids, "cpu")
+    for mlp_scales in (False, True):
+        calib = BlockCalibration(adapter.blocks(model)[0], adapter, adapter.heads(model.config),
+                                 TransformPlan(scales=True, shifts=True, matrices=True, mlp_scales=mlp_scales), None, None)
+        calib.init_transforms(x, kwargs, batch=1)
+        inner = [str(i) for i, p in enumerate(calib.pairs) if p.elementwise]
+        assert len(inner) == 1
+        assert (inner[0] in calib.transforms) == mlp_scales
+        if mlp_scales:
+            t = calib.transforms[inner[0]]
+            assert t.is_diagonal and t.shift is None
+
+
+def test_mlp_scales_are_opt_in_and_keep_old_manifests():
+    from lowbit.config import QuantConfig
+    from lowbit.ptq.recipes import plan_for
+
+    assert "mlp_scales" not in TransformPlan().to_dict()  # manifests of earlier runs still match
+    assert TransformPlan(mlp_scales=True).to_dict()["mlp_scales"] is True
+    for method in ("smoothquant", "omniquant", "affinequant"):
+        assert not plan_for(QuantConfig(method=method, wbits=6, abits=6)).mlp_scales
+        assert plan_for(QuantConfig(method=method, wbits=6, abits=6, mlp_scales=True)).mlp_scales
+    assert QuantConfig.from_dict(QuantConfig(method="affinequant", mlp_scales=True).to_dict()).mlp_scales
+    assert "mlp_scales" not in QuantConfig(method="affinequant").to_dict()

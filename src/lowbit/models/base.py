@@ -40,7 +40,9 @@ class LinearPair:
 
     ``per_head`` marks pairs whose transform must be block-diagonal per attention head to stay exact
     (v→o and q↔k). ``commutes`` is False where a transform would not survive an op in between
-    (q↔k across RoPE), so methods must skip it.
+    (q↔k across RoPE), so methods must skip it. ``elementwise`` marks a producer whose output passes an
+    elementwise op before the targets read it (the gated MLP's product, OPT's ReLU): only a positive diagonal
+    scale, without shift, survives that, so such a pair takes neither matrices nor shifts.
     """
 
     kind: PairKind
@@ -48,6 +50,7 @@ class LinearPair:
     targets: tuple[str, ...]
     per_head: bool = False
     commutes: bool = True
+    elementwise: bool = False
 
 
 @dataclass(frozen=True)

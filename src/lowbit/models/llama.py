@@ -17,6 +17,8 @@ LLAMA = Adapter(
         LinearPair("linear", "self_attn.v_proj", ("self_attn.o_proj",), per_head=True),
         # RoPE rotates q and k between the projection and the product, so a q↔k matrix does not commute.
         LinearPair("qk", "self_attn.q_proj", ("self_attn.k_proj",), per_head=True, commutes=False),
+        # silu(gate) * up: scaling up's output rows scales down's input columns alike (the papers leave it out)
+        LinearPair("linear", "mlp.up_proj", ("mlp.down_proj",), elementwise=True),
     ),
     rope=True,
 )

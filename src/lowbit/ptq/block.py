@@ -34,13 +34,15 @@ class TransformPlan:
     alpha: float = 0.5  # SmoothQuant migration strength for the initial scales
     sf: float = 1e-2  # AffineQuant stability factor (off-diagonal weight in the gradual mask)
     scale_init: str = "smoothquant"  # or "identity": every transform starts at T = I (shifts keep their init)
+    mlp_scales: bool = False  # diagonal scales on the MLP's inner pair (up→down, fc1→fc2), which the papers lack
 
     def to_dict(self) -> dict:
-        """The plan as checkpoint manifests record it; ``scale_init`` only when it is not the default, so the
-        checkpoints of runs from before it existed still resume."""
+        """The plan as checkpoint manifests record it; fields added later only when they differ from their
+        default, so the checkpoints of runs from before they existed still resume."""
         data = asdict(self)
-        if self.scale_init == "smoothquant":
-            del data["scale_init"]
+        for name, default in (("scale_init", "smoothquant"), ("mlp_scales", False)):
+            if data[name] == default:
+                del data[name]
         return data
 
 
@@ -96,7 +98,7 @@ class BlockCalibration(nn.Module):
                  weight_spec: QuantSpec | None, act_spec: QuantSpec | None) -> None:
         super().__init__()
         self.block, self.adapter, self.heads, self.plan = block, adapter, heads, plan
-        self.pairs: list[LinearPair] = [p for p in adapter.pairs if p.kind != "qk"]
+        self.pairs: list[LinearPair] = [p for p in adapter.pairs if p.kind != "qk"]  # indices name the transforms
         self.transforms = nn.ModuleDict()
         self._hooks: list = []
         self.linears = self._wrap(weight_spec, act_spec)
@@ -119,10 +121,10 @@ class BlockCalibration(nn.Module):
         """SmoothQuant-initialised transforms for every pair, from activation statistics on ``inputs``."""
         if not self.plan.scales:
             return
-        firsts = [p.targets[0] for p in self.pairs]
-        stats = _channel_stats(self.block, firsts, inputs, kwargs, batch)
+        active = {i: p for i, p in enumerate(self.pairs) if self.plan.mlp_scales or not p.elementwise}
+        stats = _channel_stats(self.block, [p.targets[0] for p in active.values()], inputs, kwargs, batch)
         h = self.heads
-        for i, pair in enumerate(self.pairs):
+        for i, pair in active.items():
             xmax, xmin = stats[pair.targets[0]]
             wmax = torch.stack([self.linears[t].weight.detach().abs().amax(0).float() for t in pair.targets]).amax(0)
             amax = torch.maximum(xmax.abs(), xmin.abs())
@@ -133,12 +135,12 @@ class BlockCalibration(nn.Module):
                 xmax = xmax.view(h.num_kv_heads, h.group, h.head_dim).amax(1).flatten()
                 xmin = xmin.view(h.num_kv_heads, h.group, h.head_dim).amin(1).flatten()
             scale = (amax.clamp(min=1e-5).pow(self.plan.alpha) / wmax.clamp(min=1e-5).pow(1 - self.plan.alpha)).clamp(min=1e-5)
-            shift = (xmax + xmin) / 2 if self.plan.shifts and self._can_shift(pair) else None
+            shift = (xmax + xmin) / 2 if self.plan.shifts and not pair.elementwise and self._can_shift(pair) else None
             if shift is not None:
                 scale = ((xmax - xmin) / 2).clamp(min=1e-5).pow(self.plan.alpha) / wmax.clamp(min=1e-5).pow(1 - self.plan.alpha)
             if self.plan.scale_init == "identity":
                 scale = torch.ones_like(scale)
-            use_matrix = self.plan.matrices if per_head else self.plan.norm_matrices
+            use_matrix = (self.plan.matrices if per_head else self.plan.norm_matrices) and not pair.elementwise
             self.transforms[str(i)] = PairTransform(
                 scale.clamp(min=1e-5), block=h.head_dim if per_head else None, use_matrix=use_matrix, shift=shift, sf=self.plan.sf
             )
