@@ -8,7 +8,7 @@ Shapes are (N out, K in): 4096x4096 (q/o proj), 11008x4096 and 4096x11008 (LLaMA
 (LLaMA-3-8B MLP up), for M = 1, 16, 2048, 8192 tokens. Per shape and M, in the same run: bf16 ``F.linear``
 (cuBLAS), torch's int4 tinygemm (``_weight_int4pack_mm``, group 128), ``lowbit.kernels.w4a16_linear`` (group 128),
 and ``lowbit.kernels.wxax_linear`` W4A4 (per-channel weights, per-token asymmetric 4-bit activations quantized
-inside the call) on its default path: from M = 1024 the FP8 path (``lowbit.kernels.w4a4_fp8``: FP8 activation
+inside the call) on its default path: from M = 2048 the FP8 path (``lowbit.kernels.w4a4_fp8``: FP8 activation
 codes, the packed weight unpacked to FP8 **in every call**, cuBLAS ``_scaled_mm``, the fix-up kernel's check), below
 it the INT8 Triton GEMM. Beside it: the INT8 path forced (the previous default), the FP8 path with its FP8 weight
 cached (``cache_weight=True``, 1 extra byte per weight), and the FP8 path's parts alone (activation quantization,
@@ -174,7 +174,7 @@ def time_w4a4(x, w4, w4_copies: list, copies: int, timed: Callable, checked: Cal
               cfg: Config) -> None:
     """W4A4 columns: the default path, both paths forced, the FP8 path with a cached weight, and each path's parts.
 
-    The default (``w4a4``) is what ``lowbit``'s W4A4 linear runs: from M = 1024 the FP8 path with the weight
+    The default (``w4a4``) is what ``lowbit``'s W4A4 linear runs: from M = 2048 the FP8 path with the weight
     unpacked in the call. ``w4a4_fp8_cached`` keeps the FP8 weight (``cache_weight=True``): faster, 1 more byte per
     weight held, so it is a separate column, never the default's number."""
     from lowbit.kernels import w4a4_fp8, wxax_linear

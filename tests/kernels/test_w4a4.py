@@ -149,3 +149,4 @@ def test_llama_shapes_on_gpu(monkeypatch, w4a4, m, n, k, group):
     weight = _weight(n, k, group)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     _check(w4a4.wxax_linear(x, weight, 4, False), x, weight, 4, False)
+    _check(w4a4.wxax_linear(x, weight, 4, False, path="int8"), x, weight, 4, False)  # auto may take FP8

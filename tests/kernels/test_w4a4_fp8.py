@@ -56,6 +56,13 @@ def test_int8_quantizer_over_several_chunks_is_bit_exact(fp8):
             assert torch.equal(getattr(got, field).cpu(), getattr(want, field)), (field, group)
 
 
+def test_unpack_refuses_an_odd_width(fp8):
+    codes = torch.randint(0, 16, (3, 65))
+    weight = PackedWeight.from_codes(codes, torch.ones(3, 1), torch.full((3, 1), 8.0), 4, 65).to(kernel_device())
+    with pytest.raises(LowbitError, match="even input width"):
+        fp8.unpack_fp8(weight)
+
+
 @pytest.mark.parametrize("n,k", [(24, 576), (40, 1536), (3, 64)])
 def test_unpack_is_exact(fp8, n, k):
     gen = torch.Generator().manual_seed(n)
@@ -126,7 +133,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # Hopper's FP8 tensor cores keep a short accumulator inside each chain even with use_fast_accum=False: measured on an
 # H100 (2026-11-24, BENCHMARKS.md), sums of same-sign codes 9..16 were off by up to 7.8e-4 of sum |a| |w| (K = 576 to
 # 14336), while random-sign codes, codes in [0, 16] and all-16 codes were exact. The path's stated tolerance is
-# therefore FP8_ACCUM_TOL of sum |a| |w|, under half a bf16 ulp (2^-9).
+# therefore FP8_ACCUM_TOL of sum |a| |w|: below half a bf16 ulp (2^-9) of the output unless the sum cancels.
 FP8_ACCUM_TOL = 1e-3
 
 

@@ -104,5 +104,6 @@ def test_mlp_scales_are_opt_in_and_keep_old_manifests():
     for method in ("smoothquant", "omniquant", "affinequant"):
         assert not plan_for(QuantConfig(method=method, wbits=6, abits=6)).mlp_scales
         assert plan_for(QuantConfig(method=method, wbits=6, abits=6, mlp_scales=True)).mlp_scales
+    assert not plan_for(QuantConfig(method="omniquant", wbits=4, mlp_scales=True)).mlp_scales  # no scales there
     assert QuantConfig.from_dict(QuantConfig(method="affinequant", mlp_scales=True).to_dict()).mlp_scales
     assert "mlp_scales" not in QuantConfig(method="affinequant").to_dict()

@@ -9,7 +9,8 @@ cast to x.dtype. Two GPU paths compute it on integer codes and round in the epil
 - From 2048 tokens, for 4-bit per-channel weights and act_bits <= 4: FP8 codes and cuBLAS's FP8 GEMM
   (``lowbit.kernels.w4a4_fp8``), 0.98-1.44x bf16 on an H100 against the INT8 path's 0.97-1.21x (BENCHMARKS.md).
   Its sums are exact except where long chains of large same-sign codes meet Hopper's short FP8 accumulator; there
-  they stay within 1e-3 of sum |a| |w| (measured 7.8e-4 at worst), under half a bf16 ulp.
+  they stay within 1e-3 of sum |a| |w| (measured 7.8e-4 at worst): below half a bf16 ulp of the output unless the
+  sum cancels.
   ``path="int8"`` forces the exact path.
 
 The INT8 path:

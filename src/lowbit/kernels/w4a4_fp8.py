@@ -25,7 +25,7 @@ which is exactly a row-scaled GEMM of the codes ``q - zx`` and ``c - zw`` when b
    128 products of typical codes (|q - zx|, |c - zw| <= 8) stays below 2^14. Measured on the H100 (2026-11-24,
    ``benchmarks/fp8_accum_bounds.py``): random-sign codes in [-16, 16], codes in [0, 16] and all-16 codes give
    exact sums up to K = 14336; codes 9..16 of one sign do not, off by at most 7.8e-4 of sum |a| |w|. The stated
-   tolerance is 1e-3 of sum |a| |w| (tested), under half a bf16 ulp. (An earlier session read the GPU tests'
+   tolerance is 1e-3 of sum |a| |w| (tested): below half a bf16 ulp of the output unless the sum cancels. (An earlier session read the GPU tests'
    failures as accumulation errors; they came from ``unpack_fp8``, whose byte-packed stores were wrong on the GPU.)
 4. ``_fixup_rows_kernel``: rows with a nonzero offset are recomputed exactly (int8 dot of the FP8 codes, plus
    ``offset * sum_k (c - zw)``) and overwritten; for every other row the kernel only reads the offsets and exits.
@@ -34,7 +34,7 @@ Dispatch (``use_fp8``, consulted when ``w4a4.FP8_AUTO`` is True): CUDA with FP8 
 act_bits <= 4, K and N multiples of 16 (``_scaled_mm``), fp16/bf16 activations, bias absent or of x's dtype (it
 then enters cuBLAS's float32 epilogue unrounded). Below that the per-call unpack (1.5 bytes per weight
 moved, plus the GEMM's 1 byte) is a large share of a short GEMM, and the INT8 kernel reading 0.5 bytes per weight
-wins (M = 1-16 it is 1.1-2.5x bf16); at M = 1024 the two paths tie (0.91-1.04x), at M = 2048 FP8 wins or ties.
+wins (M = 1-16 it is 1.1-2.5x bf16); at M = 1024 the two paths tie (FP8 0.90-1.04x, INT8 0.87-1.04x), at M = 2048 FP8 wins or ties.
 """
 
 from __future__ import annotations
@@ -129,6 +129,8 @@ def unpack_fp8(weight: PackedWeight) -> torch.Tensor:
     if backend_for(weight.packed) == "reference":
         return unpack_fp8_reference(weight)
     n, k = weight.out_features, weight.in_features
+    if k % 2:  # the kernel reads k / 2 whole bytes per row; the FP8 path itself needs k % 16 == 0
+        raise LowbitError(f"unpack_fp8 needs an even input width, got {k}")
     out = torch.empty((n, k), dtype=FP8, device=weight.device)
     bn, bkb = (4, 32) if interpreting() else (32, 128)
     grid = (triton.cdiv(n, bn), triton.cdiv(k // 2, bkb))

@@ -24,7 +24,8 @@ def plan_for(config: QuantConfig) -> TransformPlan:
     init = default_scale_init(config)
     if config.method == "omniquant":  # weight-only: clipping alone, no scales to start anywhere
         return TransformPlan(scales=quant_acts, shifts=quant_acts, lwc=config.wbits < 16, alpha=config.alpha,
-                             scale_init=init if quant_acts else "smoothquant", mlp_scales=default_mlp_scales(config))
+                             scale_init=init if quant_acts else "smoothquant",
+                             mlp_scales=quant_acts and default_mlp_scales(config))
     if config.method == "affinequant":
         sf = config.sf if config.sf is not None else (0.1 if quant_acts else 1e-2)
         return TransformPlan(scales=True, shifts=quant_acts, matrices=True, norm_matrices=config.norm_matrices,
