@@ -7,6 +7,7 @@ import torch
 from conftest import make_tiny_model
 
 import lowbit.ptq.engine as engine
+from lowbit.errors import LowbitError
 from lowbit import QuantConfig, quantize
 from lowbit.models.loading import LoadedModel
 from lowbit.models.registry import adapter_for
@@ -28,16 +29,24 @@ def logits(loaded, ids):
         return loaded.model(ids).logits
 
 
+@pytest.mark.parametrize("mlp_scales", [False, True])
 @pytest.mark.parametrize("method", ["smoothquant", "omniquant", "affinequant"])
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_smoke_every_method(method, arch, tiny_tokenizer):
+def test_smoke_every_method(method, arch, mlp_scales, tiny_tokenizer):
     loaded = tiny_loaded(arch, tiny_tokenizer)
-    quantize(loaded, config(method, epochs=1), progress=False)
+    quantize(loaded, config(method, epochs=1, mlp_scales=mlp_scales), progress=False)
     log = loaded.calibration_log
     assert len(log) == 2 and all(e.loss_after == e.loss_after for e in log)  # not NaN
     assert all(e.cuda_graph is None for e in log)  # no graphs on the CPU (the GPU tests check they replay)
     ids = torch.randint(0, 384, (1, 16))
     assert torch.isfinite(logits(loaded, ids)).all()
+
+
+def test_mlp_scales_refused_where_inexact(tiny_tokenizer):
+    loaded = tiny_loaded("opt", tiny_tokenizer)
+    loaded.model.config.activation_function = "gelu"
+    with pytest.raises(LowbitError, match="leave out --mlp-scales"):
+        quantize(loaded, config("smoothquant", mlp_scales=True), progress=False)
 
 
 def test_learning_lowers_block_loss(tiny_tokenizer):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
+from lowbit.errors import LowbitError
 from lowbit.models.registry import adapter_for
 from lowbit.ptq.block import BlockCalibration, TransformPlan
 from lowbit.ptq.capture import capture_block_inputs
@@ -107,3 +108,13 @@ def test_mlp_scales_are_opt_in_and_keep_old_manifests():
     assert not plan_for(QuantConfig(method="omniquant", wbits=4, mlp_scales=True)).mlp_scales  # no scales there
     assert QuantConfig.from_dict(QuantConfig(method="affinequant", mlp_scales=True).to_dict()).mlp_scales
     assert "mlp_scales" not in QuantConfig(method="affinequant").to_dict()
+
+
+def test_mlp_scales_refuse_an_opt_without_relu():
+    model = make_tiny_model("opt")
+    pair = [p for p in adapter_for("opt").pairs if p.elementwise][0]
+    pair.check(model.config)  # the tiny OPT uses ReLU
+    model.config.activation_function = "gelu"
+    with pytest.raises(LowbitError, match="activation_function"):
+        pair.check(model.config)
+    [p for p in adapter_for("llama").pairs if p.elementwise][0].check(model.config)  # gated: any activation

@@ -51,6 +51,18 @@ class LinearPair:
     per_head: bool = False
     commutes: bool = True
     elementwise: bool = False
+    # (config attribute, values) under which an elementwise pair is exact, e.g. OPT's ReLU; None: always
+    requires: tuple[str, tuple[str, ...]] | None = None
+
+    def check(self, config) -> None:
+        """Refuse a transform on this pair when the model's config breaks what makes it exact."""
+        if self.requires is None:
+            return
+        attr, allowed = self.requires
+        value = getattr(config, attr, None)
+        if value not in allowed:
+            raise LowbitError(f"{self.source} -> {', '.join(self.targets)} scales are exact only with {attr} in "
+                              f"{allowed}, this model has {value!r}; leave out --mlp-scales")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ OPT = Adapter(
         LinearPair("norm", "final_layer_norm", ("fc1",)),
         LinearPair("linear", "self_attn.v_proj", ("self_attn.out_proj",), per_head=True),
         LinearPair("qk", "self_attn.q_proj", ("self_attn.k_proj",), per_head=True, commutes=True),
-        LinearPair("linear", "fc1", ("fc2",), elementwise=True),  # relu(x / s) = relu(x) / s for s > 0
+        # relu(x / s) = relu(x) / s for s > 0
+        LinearPair("linear", "fc1", ("fc2",), elementwise=True, requires=("activation_function", ("relu",))),
     ),
     rope=False,
 )

@@ -167,6 +167,10 @@ def calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, opt
 def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, opts: CalibOptions,
                windows: torch.Tensor) -> list[BlockLog]:
     model, adapter = loaded.model, loaded.adapter
+    if plan.mlp_scales:
+        for pair in adapter.pairs:
+            if pair.elementwise:
+                pair.check(model.config)
     device = torch.device(opts.device)
     model_dtype = next(model.parameters()).dtype
     model.to("cpu")
