@@ -57,9 +57,8 @@ class QuantConfig:
     # start of the learnt scales: SmoothQuant's amax^alpha / wmax^(1-alpha), or the identity (the weights start
     # as the plain model's, where a LWC-only method starts; shifts keep their own start); None: the recipe's
     scale_init: str | None = None
-    # diagonal scales on the MLP's inner pair (up→down, fc1→fc2), which the papers leave without any transform;
-    # None: the recipe's (``lowbit.ptq.recipes.default_mlp_scales``)
-    mlp_scales: bool | None = None
+    # diagonal scales on the MLP's inner pair (up→down, fc1→fc2), which the papers leave without any transform
+    mlp_scales: bool = False
     # final rounding of the weights: None is the method's own (GPTQ for ``gptq``, round-to-nearest otherwise);
     # "gptq" after a calibrating method rounds its merged weights by GPTQ on the grid it learnt (weight-only)
     rounding: str | None = None

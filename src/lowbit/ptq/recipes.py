@@ -20,17 +20,17 @@ def plan_for(config: QuantConfig) -> TransformPlan:
     if config.method == "gptq":
         return TransformPlan()
     if config.method == "smoothquant":
-        return TransformPlan(scales=True, alpha=config.alpha, mlp_scales=default_mlp_scales(config))
+        return TransformPlan(scales=True, alpha=config.alpha, mlp_scales=config.mlp_scales)
     init = default_scale_init(config)
     if config.method == "omniquant":  # weight-only: clipping alone, no scales to start anywhere
         return TransformPlan(scales=quant_acts, shifts=quant_acts, lwc=config.wbits < 16, alpha=config.alpha,
                              scale_init=init if quant_acts else "smoothquant",
-                             mlp_scales=quant_acts and default_mlp_scales(config))
+                             mlp_scales=quant_acts and config.mlp_scales)
     if config.method == "affinequant":
         sf = config.sf if config.sf is not None else (0.1 if quant_acts else 1e-2)
         return TransformPlan(scales=True, shifts=quant_acts, matrices=True, norm_matrices=config.norm_matrices,
                              lwc=config.wbits < 16, alpha=config.alpha, sf=sf, scale_init=init,
-                             mlp_scales=default_mlp_scales(config))
+                             mlp_scales=config.mlp_scales)
     raise ValueError(f"{config.method} is not a calibrating method")
 
 
@@ -45,14 +45,6 @@ def default_scale_init(config: QuantConfig) -> str:
     if config.scale_init is not None:
         return config.scale_init
     return "identity" if _affine_weight_only(config) else "smoothquant"
-
-
-def default_mlp_scales(config: QuantConfig) -> bool:
-    """Whether the MLP's inner pair (up→down) gets diagonal scales unless ``config.mlp_scales`` says. The papers
-    give down_proj's input no transform at all."""
-    if config.mlp_scales is not None:
-        return config.mlp_scales
-    return False
 
 
 def default_let_lr(config: QuantConfig) -> float:
