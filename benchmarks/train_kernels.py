@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-lm", action="store_true", help="only the GEMM, kernel and layer benchmarks")
+    p.add_argument("--graph", action="store_true",
+                   help="also run both LM steps as CUDA graphs (lowbit.train.graphs), each against bf16 captured too")
+    p.add_argument("--lm-only", action="store_true", help="only the LM training steps")
     p.add_argument("--layer-only", action="store_true", help="only the layer, its parts and the backward detail")
     p.add_argument("--compare-sampling", action="store_true",
                    help="also time the sampled layer and backward with LOWBIT_SAMPLING=reference (the pure-PyTorch "
@@ -265,47 +268,50 @@ def build_training(args, quant: bool):
     return model, opt, warmup_schedule(opt, args.steps), train_ids.cuda(), gen, params
 
 
-def train_step(model, opt, sched, batch) -> torch.Tensor:
-    """One bf16-autocast AdamW step with gradient clipping; returns the loss (on the device)."""
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(batch, labels=batch).loss
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    sched.step()
-    return loss.detach()
+def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    return model(batch, labels=batch).loss
 
 
-def train_run(args, quant: bool) -> tuple[list[float], list[float], int]:
-    """``args.steps`` AdamW steps from one seed on the same byte windows; per-step losses and times (ms)."""
+def train_run(args, quant: bool, graph: bool) -> tuple[list[float], list[float], int]:
+    """``args.steps`` bf16-autocast AdamW steps (gradients clipped at 1) from one seed on the same byte windows,
+    eager or as one CUDA graph per step (``lowbit.train.graphs``); per-step losses and times (ms)."""
+    from lowbit.train.graphs import GraphedTrainStep, GraphStepConfig, make_capturable
     from lowbit.train.lm import random_windows
 
     model, opt, sched, train_ids, gen, params = build_training(args, quant)
+    if graph:
+        make_capturable(opt, "cuda")
+    step = GraphedTrainStep(model, opt, lm_loss, GraphStepConfig(enabled=graph))
     losses, times = [], []
     model.train()
     for _ in range(args.steps):
         batch = random_windows(train_ids, args.batch_size, args.seqlen, gen)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        losses.append(train_step(model, opt, sched, batch))
+        losses.append(step(batch))
+        sched.step()
         end.record()
         times.append((start, end))
     torch.cuda.synchronize()
-    del model, opt, sched  # the schedule holds the optimiser, which holds the parameters
+    del model, opt, sched, step  # the schedule holds the optimiser, which holds the parameters
     torch.cuda.empty_cache()
     return [float(v) for v in losses], [s.elapsed_time(e) for s, e in times], params
 
 
 def bench_lm(args) -> list[dict]:
-    base_loss, base_ms, params = train_run(args, quant=False)
-    quant_loss, quant_ms, _ = train_run(args, quant=True)
-    skip = min(10, args.steps // 2)  # warm-up steps (compilation, LSQ init, allocator) are not timed
-    b, q = statistics.median(base_ms[skip:]), statistics.median(quant_ms[skip:])
-    rows = [{"bench": "lm_step", "path": path, "params_m": round(params / 1e6, 1), "ms": round(ms, 3),
-             "speedup_vs_bf16": round(b / ms, 3), "timed_steps": len(base_ms) - skip,
-             "tokens_per_step": args.batch_size * args.seqlen, "losses": [round(v, 4) for v in losses]}
-            for path, ms, losses in (("bf16", b, base_loss), ("4-bit HQ+LSS", q, quant_loss))]
+    """bf16 and 4-bit steps, eager, and with ``--graph`` also captured; each ratio against bf16 run the same way."""
+    skip = min(10, args.steps // 2)  # warm-up steps (compilation, LSQ init, capture, allocator) are not timed
+    rows = []
+    for graph in (False, True) if args.graph else (False,):
+        base = None
+        for path, quant in (("bf16", False), ("4-bit HQ+LSS", True)):
+            losses, times, params = train_run(args, quant, graph)
+            ms = statistics.median(times[skip:])
+            base = base or ms
+            rows.append({"bench": "lm_step", "path": path + (", CUDA graph" if graph else ""), "graph": graph,
+                         "params_m": round(params / 1e6, 1), "ms": round(ms, 3),
+                         "speedup_vs_bf16": round(base / ms, 3), "timed_steps": len(times) - skip,
+                         "tokens_per_step": args.batch_size * args.seqlen, "losses": [round(v, 4) for v in losses]})
     return rows
 
 
@@ -316,7 +322,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("LOWBIT_KERNELS", "auto")
     device = torch.cuda.get_device_name()
     rows, fused = [], []
-    if not args.layer_only:
+    if args.lm_only:
+        args.layer_only = False
+    if not (args.layer_only or args.lm_only):
         rows = bench_gemms(args.tokens, args.width, args.width, args.iters)
         print_markdown(["GEMM", "shape", "ms", "TFLOP/s", "x bf16", "exact"],
                        [f"| {r['path']} | {r['shape']} | {r['ms']} | {r['tflops']} | {r['speedup_vs_bf16']} | "
@@ -324,6 +332,24 @@ def main(argv=None) -> int:
         fused = bench_fused(args.tokens, args.width, args.iters)
         print_markdown(["fused kernel", "shape", "ms", "GB/s"],
                        [f"| {r['path']} | {r['shape']} | {r['ms']} | {r['gbps']} |" for r in fused])
+    if not args.lm_only:
+        rows += fused + bench_layer_group(args)
+    if not (args.skip_lm or args.layer_only):
+        lm = bench_lm(args)
+        print_markdown(["LM training step", "params (M)", "ms/step", "x bf16 run the same way (goal 1.25)"],
+                       [f"| {r['path']} | {r['params_m']} | {r['ms']} | {r['speedup_vs_bf16']} |" for r in lm])
+        marks = sorted({0, *range(9, args.steps, 10), args.steps - 1})
+        print_markdown(["step", *(f"loss {r['path']}" for r in lm)],
+                       [f"| {i + 1} | " + " | ".join(f"{r['losses'][i]:.4f}" for r in lm) + " |" for i in marks])
+        rows += lm
+    for r in rows:
+        r["device"] = device
+    write_json(rows, args.out if not args.quick else args.out.with_name("train_kernels_quick.json"))
+    return 0
+
+
+def bench_layer_group(args) -> list[dict]:
+    """The layer, its parts and the backward detail, printed as they come."""
     layer = bench_layer(args.tokens, args.width, args.iters, args.seed, args.compare_sampling)
     print_markdown(["layer fwd+bwd", "shape", "ms", "x bf16 (goal 1.5)"],
                    [f"| {r['path']} | {r['shape']} | {r['ms']} | {r['speedup_vs_bf16']} |" for r in layer])
@@ -332,19 +358,7 @@ def main(argv=None) -> int:
                    + [f"| sum of parts | | {round(sum(r['ms'] for r in parts), 4)} |"])
     detail = bench_backward_detail(args.tokens, args.width, args.iters, args.compare_sampling)
     print_markdown(["4-bit backward detail", "shape", "ms"], [f"| {r['path']} | {r['shape']} | {r['ms']} |" for r in detail])
-    rows += fused + layer + parts + detail
-    if not (args.skip_lm or args.layer_only):
-        lm = bench_lm(args)
-        print_markdown(["LM training step", "params (M)", "ms/step", "x bf16 (goal 1.25)"],
-                       [f"| {r['path']} | {r['params_m']} | {r['ms']} | {r['speedup_vs_bf16']} |" for r in lm])
-        marks = sorted({0, *range(9, args.steps, 10), args.steps - 1})
-        print_markdown(["step", "loss bf16", "loss 4-bit"],
-                       [f"| {i + 1} | {lm[0]['losses'][i]:.4f} | {lm[1]['losses'][i]:.4f} |" for i in marks])
-        rows += lm
-    for r in rows:
-        r["device"] = device
-    write_json(rows, args.out if not args.quick else args.out.with_name("train_kernels_quick.json"))
-    return 0
+    return layer + parts + detail
 
 
 if __name__ == "__main__":

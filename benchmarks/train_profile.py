@@ -40,8 +40,9 @@ def layer_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, autocast: 
 
 def lm_tables() -> dict:
     """One LM step per path, profiled after warm-up steps (``train_kernels.py``'s model, data and optimiser)."""
-    from train_kernels import build_training, parse_args, train_step
+    from train_kernels import build_training, lm_loss, parse_args
 
+    from lowbit.train.graphs import GraphedTrainStep, GraphStepConfig
     from lowbit.train.lm import random_windows
 
     args = parse_args([])
@@ -49,12 +50,14 @@ def lm_tables() -> dict:
     for label, quant in (("bf16", False), ("hq_lss4", True)):
         model, opt, sched, train_ids, gen, _ = build_training(args, quant)
         model.train()
+        eager = GraphedTrainStep(model, opt, lm_loss, GraphStepConfig(enabled=False))
 
         def step() -> None:
-            train_step(model, opt, sched, random_windows(train_ids, args.batch_size, args.seqlen, gen))
+            eager(random_windows(train_ids, args.batch_size, args.seqlen, gen))
+            sched.step()
 
         tables[label] = kernel_table(step, warmup=5)
-        del model, opt, sched, step  # each holds the model or its optimiser state: free them before the next path
+        del model, opt, sched, step, eager  # each holds the model or its optimiser state: free them before the next path
         torch.cuda.empty_cache()
     return tables
 

@@ -202,6 +202,11 @@ class QuantTrainLinear(nn.Module):
         self.weight_step = nn.Parameter(torch.ones(w_shape, device=dev))
         self._state = _LayerState(config, self._rotation(), seed=layer_seed(config.seed, index))
 
+    def generator(self, device: torch.device | str) -> torch.Generator:
+        """The layer's own generator on ``device`` (the backward's sampling and rounding draw from it); a CUDA graph
+        that captures the layer registers it (``lowbit.train.graphs``)."""
+        return self._state.generator(torch.device(device))
+
     def _rotation(self) -> Rotation:
         block = self._block if self.config.hadamard else 0
         return Rotation(block, self._pad, self.signs)

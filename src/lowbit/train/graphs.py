@@ -1,0 +1,155 @@
+"""One training step as one CUDA graph: forward, backward, gradient clipping and the optimizer in a single replay.
+
+Why: a 4-bit layer launches a dozen small kernels forward and twice that backward, each from Python. On a ~350M
+LLaMA the host needs longer to launch them than the GPU to run them (``benchmarks/train_kernels.py``: 450 ms per
+step against 212 ms of kernels), so the 4-bit step is host-bound. A captured step launches everything at once.
+
+    step = GraphedTrainStep(model, optimizer, lm_loss)   # make_capturable(optimizer) first if it is Adam(W)
+    for batch in batches:
+        loss = step(batch)        # eager for the first ``warmup_steps`` calls, then captured once and replayed
+        scheduler.step()          # fine: make_capturable keeps the learning rates as device tensors
+
+Every call is a real training step: the warm-up calls run eagerly (autotuning, LSQ initialisation and lazy
+optimizer state happen there), the capturing call replays the graph it just recorded. What a replay cannot do:
+change the input shape (a new shape is refused; build a new step), run Python control flow that depends on the
+data, or sync with the host. The kernels of ``lowbit.train`` are sync-free; each ``QuantTrainLinear`` keeps its own
+generator, which the graph registers so every replay draws new random numbers. Off CUDA, or with
+``enabled=False``, the step runs eagerly every time: the same code runs on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+LossFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GraphStepConfig:
+    """``warmup_steps`` eager steps before the capture (at least 1: lazy state must exist before it);
+    ``clip_norm`` the gradient-norm clip (None: none); ``autocast_dtype`` the autocast dtype (None: no autocast)."""
+
+    warmup_steps: int = 3
+    clip_norm: float | None = 1.0
+    autocast_dtype: torch.dtype | None = torch.bfloat16
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 1:
+            raise LowbitError(f"warmup_steps must be an integer >= 1, got {self.warmup_steps!r}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise LowbitError(f"clip_norm must be positive or None, got {self.clip_norm!r}")
+
+
+def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device | str) -> None:
+    """Let ``optimizer`` run inside a CUDA graph: ``capturable=True`` (its step counters live on the device) and
+    each group's learning rate a device tensor, so a scheduler's updates (``fill_``) reach every replay instead of
+    the float baked in at capture. Call it before the first step; optimizers without a ``capturable`` option
+    (plain SGD has no step counter) are left as they are, and so is every optimizer off CUDA (nothing is captured
+    there). A scheduler built before or after this call works either way."""
+    if any(optimizer.state.values()):
+        raise LowbitError("make_capturable needs a fresh optimizer: call it before the first optimizer.step()")
+    if torch.device(device).type != "cuda" or not any("capturable" in group for group in optimizer.param_groups):
+        return
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        if not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+
+
+def layer_generators(model: nn.Module, device: torch.device) -> list[torch.Generator]:
+    """The per-layer generators of every ``QuantTrainLinear`` in ``model`` on ``device`` (created if new)."""
+    from lowbit.train.linear import QuantTrainLinear
+
+    return [m.generator(device) for m in model.modules() if isinstance(m, QuantTrainLinear)]
+
+
+class GraphedTrainStep:
+    """``step(*inputs)`` runs ``loss = loss_fn(model, *inputs)``, backward, clipping and ``optimizer.step()``, and
+    returns the loss (a new tensor, detached). See the module docstring for what a captured step may not do."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
+                 config: GraphStepConfig | None = None) -> None:
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.config = config or GraphStepConfig()
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._static_inputs: tuple[torch.Tensor, ...] = ()
+        self._static_loss: torch.Tensor | None = None
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+            raise LowbitError("GraphedTrainStep takes the step's input tensors, at least one")
+        self.calls += 1
+        if self.graph is not None:
+            return self._replay(inputs)
+        use_graph = self.config.enabled and inputs[0].is_cuda
+        if not use_graph or self.calls <= self.config.warmup_steps:
+            return self._eager(inputs, side_stream=use_graph)
+        return self._capture(inputs)
+
+    # --------------------------------------------------------------------------------------------- the step
+    def _step(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        dtype = self.config.autocast_dtype
+        device_type = inputs[0].device.type
+        # cache_enabled=False: autocast's weight-cast cache would hold tensors from the capture into the replays
+        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
+            loss = self.loss_fn(self.model, *inputs)
+        loss.backward()
+        if self.config.clip_norm is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
+        self.optimizer.step()
+        return loss.detach()
+
+    def _eager(self, inputs: tuple[torch.Tensor, ...], side_stream: bool) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        if not side_stream:
+            return self._step(inputs)
+        # warm-up on a side stream, as CUDA graphs want: lazy allocations land outside the default stream's pool
+        stream = torch.cuda.Stream(device=inputs[0].device)
+        stream.wait_stream(torch.cuda.current_stream(inputs[0].device))
+        with torch.cuda.stream(stream):
+            loss = self._step(inputs)
+        torch.cuda.current_stream(inputs[0].device).wait_stream(stream)
+        return loss
+
+    def _capture(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        device = inputs[0].device
+        self._static_inputs = tuple(t.detach().clone() for t in inputs)
+        # gradients allocated inside the capture live in the graph's pool; each replay writes them afresh
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        for gen in layer_generators(self.model, device):
+            graph.register_generator_state(gen)
+        torch.cuda.synchronize(device)
+        try:
+            with torch.cuda.graph(graph):
+                self._static_loss = self._step(self._static_inputs)
+        except RuntimeError as err:
+            raise LowbitError(f"the training step could not be captured in a CUDA graph ({err}); "
+                              "run it eagerly (GraphStepConfig(enabled=False))") from err
+        self.graph = graph
+        graph.replay()  # capturing records the kernels without running them: this call's step runs now
+        return self._static_loss.clone()
+
+    def _replay(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if len(inputs) != len(self._static_inputs):
+            raise LowbitError(f"the captured step takes {len(self._static_inputs)} inputs, got {len(inputs)}")
+        for static, new in zip(self._static_inputs, inputs):
+            if new.shape != static.shape or new.dtype != static.dtype:
+                raise LowbitError(f"the captured step takes inputs of shape {tuple(static.shape)} and "
+                                  f"{static.dtype}, got {tuple(new.shape)} and {new.dtype}; build a new "
+                                  "GraphedTrainStep for another shape")
+            static.copy_(new, non_blocking=True)
+        self.graph.replay()
+        return self._static_loss.clone()
