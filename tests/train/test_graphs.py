@@ -1,7 +1,6 @@
 """GraphedTrainStep: eager fallback equals a hand-written step (CPU); on CUDA the captured step equals the eager one
 for a float model, follows a scheduler, refuses new shapes, and draws new random numbers on every replay."""
 
-
 import pytest
 import torch
 from torch import nn
