@@ -268,15 +268,11 @@ def build_training(args, quant: bool):
     return model, opt, warmup_schedule(opt, args.steps), train_ids.cuda(), gen, params
 
 
-def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    return model(batch, labels=batch).loss
-
-
 def train_run(args, quant: bool, graph: bool) -> tuple[list[float], list[float], int]:
     """``args.steps`` bf16-autocast AdamW steps (gradients clipped at 1) from one seed on the same byte windows,
     eager or as one CUDA graph per step (``lowbit.train.graphs``); per-step losses and times (ms)."""
     from lowbit.train.graphs import GraphedTrainStep, GraphStepConfig, make_capturable
-    from lowbit.train.lm import random_windows
+    from lowbit.train.lm import lm_loss, random_windows
 
     model, opt, sched, train_ids, gen, params = build_training(args, quant)
     if graph:

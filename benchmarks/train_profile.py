@@ -40,10 +40,10 @@ def layer_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, autocast: 
 
 def lm_tables() -> dict:
     """One LM step per path, profiled after warm-up steps (``train_kernels.py``'s model, data and optimiser)."""
-    from train_kernels import build_training, lm_loss, parse_args
+    from train_kernels import build_training, parse_args
 
     from lowbit.train.graphs import GraphedTrainStep, GraphStepConfig
-    from lowbit.train.lm import random_windows
+    from lowbit.train.lm import lm_loss, random_windows
 
     args = parse_args([])
     tables = {}

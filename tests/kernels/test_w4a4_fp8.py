@@ -191,6 +191,7 @@ def test_fp8_path_odd_shapes_on_gpu(fp8, m, n, k, sym, bias, dtype):
     weight = _weight(n, k, k, seed=m)
     x = _odd_rows(_activations(m, k, dtype, seed=n))
     b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
-    assert fp8.use_fp8(x, weight, 4, b)
+    # path="fp8" forces the path below the auto threshold (M = 1037, 1024): it must apply, auto need not take it
+    assert fp8.fp8_applies(x, weight, 4, b) and fp8.use_fp8(x, weight, 4, b) == (m >= fp8.FP8_MIN_TOKENS)
     _check(w4a4.wxax_linear(x, weight, 4, sym, b, path="fp8"), x, weight, 4, sym, b)
     _check(w4a4.wxax_linear(x, weight, 4, sym, b, path="fp8", cache_weight=True), x, weight, 4, sym, b)

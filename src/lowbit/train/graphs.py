@@ -19,6 +19,7 @@ generator, which the graph registers so every replay draws new random numbers. O
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -101,9 +102,10 @@ class GraphedTrainStep:
     # --------------------------------------------------------------------------------------------- the step
     def _step(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         dtype = self.config.autocast_dtype
-        device_type = inputs[0].device.type
         # cache_enabled=False: autocast's weight-cast cache would hold tensors from the capture into the replays
-        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
+        autocast = (contextlib.nullcontext() if dtype is None
+                    else torch.autocast(inputs[0].device.type, dtype=dtype, cache_enabled=False))
+        with autocast:
             loss = self.loss_fn(self.model, *inputs)
         loss.backward()
         if self.config.clip_norm is not None:

@@ -14,7 +14,6 @@ dtype, like ``F.linear`` would. First-batch statistics (LSQ step init, the auto 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -7,6 +7,7 @@ training windows, the last part held-out windows; test splits are refused by ``c
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -86,6 +87,12 @@ class LMRecipe:
     lsq_lr: float | None = None  # None: optim.DEFAULT_LSQ_LR_RATIO x lr
     seed: int = 0
     clip: float = 1.0
+    cuda_graph: bool = False  # capture each step after 3 eager ones (``lowbit.train.graphs``); CUDA only
+
+
+def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token loss of a causal LM on a batch of windows (its own labels)."""
+    return model(batch, labels=batch).loss
 
 
 def train_lm(model, train_ids: torch.Tensor, seqlen: int, recipe: LMRecipe, desc: str = "train",
@@ -93,25 +100,27 @@ def train_lm(model, train_ids: torch.Tensor, seqlen: int, recipe: LMRecipe, desc
     """Train in place; returns one record per step (loss, lr, seconds since start). Non-finite loss refuses."""
     from tqdm import tqdm
 
+    from lowbit.train.graphs import GraphedTrainStep, GraphStepConfig, make_capturable
     from lowbit.train.optim import param_groups, warmup_schedule
 
+    if recipe.cuda_graph and train_ids.device.type != "cuda":
+        raise LowbitError("CUDA-graph steps need the model and data on a CUDA device; use --device cuda")
     model.train()
     opt = torch.optim.AdamW(param_groups(model, recipe.lr, recipe.lsq_lr))
+    if recipe.cuda_graph:
+        make_capturable(opt, train_ids.device)
     sched = warmup_schedule(opt, recipe.steps)
+    step_fn = GraphedTrainStep(model, opt, lm_loss, GraphStepConfig(clip_norm=recipe.clip, autocast_dtype=None,
+                                                                    enabled=recipe.cuda_graph))
     gen = torch.Generator().manual_seed(recipe.seed)
     history: list[dict] = []
     start = time.perf_counter()
     bar = tqdm(range(recipe.steps), desc=desc, unit="step", disable=not progress)
     for step in bar:
         batch = random_windows(train_ids, recipe.batch_size, seqlen, gen)
-        loss = model(batch, labels=batch).loss
-        value = float(loss.detach())
-        if not torch.isfinite(torch.tensor(value)):
+        value = float(step_fn(batch))
+        if not math.isfinite(value):
             raise LowbitError(f"loss became {value} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
-        opt.step()
         sched.step()
         history.append({"step": step + 1, "loss": value, "lr": sched.get_last_lr()[0],
                         "time_s": round(time.perf_counter() - start, 3)})
