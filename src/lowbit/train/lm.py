@@ -122,7 +122,7 @@ def train_lm(model, train_ids: torch.Tensor, seqlen: int, recipe: LMRecipe, desc
         if not math.isfinite(value):
             raise LowbitError(f"loss became {value} at step {step}; lower --lr")
         sched.step()
-        history.append({"step": step + 1, "loss": value, "lr": sched.get_last_lr()[0],
+        history.append({"step": step + 1, "loss": value, "lr": float(sched.get_last_lr()[0]),
                         "time_s": round(time.perf_counter() - start, 3)})
         bar.set_postfix(loss=f"{value:.3f}")
     return history
