@@ -45,7 +45,7 @@ def parse_run(text: str, args) -> QuantConfig:
                        seed=args.seed, rounding=rounding or None, gptq_grid=getattr(args, "gptq_grid", "minmax"),
                        gptq_act_order=getattr(args, "gptq_act_order", True),
                        scale_init=getattr(args, "scale_init", None) if method in SCALE_LEARNING_METHODS else None,
-                       let_lr=getattr(args, "let_lr", None), mlp_scales=getattr(args, "mlp_scales", False))
+                       let_lr=getattr(args, "let_lr", None), mlp_scales=getattr(args, "mlp_scales", None))
 
 
 def _learning(config: QuantConfig) -> dict:
@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="per-block checkpoints (one subfolder per run): a killed run resumes where it stopped")
     p.add_argument("--scale-init", default=None, choices=SCALE_INITS,
                    help="start of the learnt scales of the omniquant / affinequant runs (default: the recipe's)")
-    p.add_argument("--mlp-scales", action=argparse.BooleanOptionalAction, default=False,
-                   help="diagonal scales on the MLP's inner pair, up_proj → down_proj (default off, as in the papers)")
+    p.add_argument("--mlp-scales", action=argparse.BooleanOptionalAction, default=None,
+                   help="diagonal scales on the MLP's inner pair, up_proj → down_proj (default: the recipe's, on for "
+                        "affinequant with activation bits; --no-mlp-scales runs every method as in the papers)")
     p.add_argument("--let-lr", type=float, default=None,
                    help="learning rate of scales and matrices (default: the recipe's)")
     p.add_argument("--gptq-grid", default="minmax", choices=GPTQ_GRIDS,

@@ -121,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--scale-init", default=None, choices=SCALE_INITS,
                    help="start of the learnt scales (omniquant, affinequant): SmoothQuant's, or the identity (the "
                         "plain model); default SmoothQuant's, the identity for AffineQuant weight-only")
-    c.add_argument("--mlp-scales", action=argparse.BooleanOptionalAction, default=False,
+    c.add_argument("--mlp-scales", action=argparse.BooleanOptionalAction, default=None,
                    help="diagonal scales on the MLP's inner pair (up_proj → down_proj, fc1 → fc2), which the papers "
-                        "leave out (smoothquant, omniquant with activation bits, affinequant)")
+                        "leave out (smoothquant, omniquant with activation bits, affinequant); default on for "
+                        "affinequant with activation bits, off otherwise (--no-mlp-scales: as in the papers)")
     c.add_argument("--sf", type=float, default=None, help="AffineQuant stability factor (default 0.1 with activation quantization, else 0.01)")
     c.add_argument("--aug-loss", action="store_true", help="also match the FP block on the quantized inputs")
     c.add_argument("--norm-matrices", action="store_true", help="AffineQuant: full matrices after the norms (kept as online ops)")

@@ -57,8 +57,9 @@ class QuantConfig:
     # start of the learnt scales: SmoothQuant's amax^alpha / wmax^(1-alpha), or the identity (the weights start
     # as the plain model's, where a LWC-only method starts; shifts keep their own start); None: the recipe's
     scale_init: str | None = None
-    # diagonal scales on the MLP's inner pair (up→down, fc1→fc2), which the papers leave without any transform
-    mlp_scales: bool = False
+    # diagonal scales on the MLP's inner pair (up→down, fc1→fc2), which the papers leave without any transform;
+    # None: the recipe's (on for AffineQuant with quantized activations, lowbit.ptq.recipes.default_mlp_scales)
+    mlp_scales: bool | None = None
     # final rounding of the weights: None is the method's own (GPTQ for ``gptq``, round-to-nearest otherwise);
     # "gptq" after a calibrating method rounds its merged weights by GPTQ on the grid it learnt (weight-only)
     rounding: str | None = None
@@ -85,6 +86,8 @@ class QuantConfig:
             raise LowbitError(f"--let-lr must be positive, got {self.let_lr}")
         if self.scale_init not in (None, *SCALE_INITS):
             raise LowbitError(f"--scale-init must be one of {', '.join(SCALE_INITS)}, got {self.scale_init!r}")
+        if self.mlp_scales not in (None, True, False):
+            raise LowbitError(f"mlp_scales must be True, False or None (the recipe's), got {self.mlp_scales!r}")
         if self.scale_init is not None and self.method not in SCALE_LEARNING_METHODS:
             raise LowbitError(f"--scale-init applies to the methods that learn scales (omniquant, affinequant), "
                               f"not {self.method}; drop it")

@@ -47,6 +47,10 @@ def test_mlp_scales_refused_where_inexact(tiny_tokenizer):
     loaded.model.config.activation_function = "gelu"
     with pytest.raises(LowbitError, match="leave out --mlp-scales"):
         quantize(loaded, config("smoothquant", mlp_scales=True), progress=False)
+    with pytest.raises(LowbitError, match="leave out --mlp-scales"):
+        quantize(loaded, config("affinequant", mlp_scales=True), progress=False)
+    quantize(loaded, config("affinequant", epochs=1), progress=False)  # by default they step aside there
+    assert len(loaded.calibration_log) == 2
 
 
 def test_learning_lowers_block_loss(tiny_tokenizer):

@@ -96,18 +96,37 @@ def test_mlp_pair_is_a_diagonal_without_shift_and_only_when_asked(arch):
             assert t.is_diagonal and t.shift is None
 
 
-def test_mlp_scales_are_opt_in_and_keep_old_manifests():
+def test_mlp_scales_defaults_and_old_manifests():
     from lowbit.config import QuantConfig
     from lowbit.ptq.recipes import plan_for
 
     assert "mlp_scales" not in TransformPlan().to_dict()  # manifests of earlier runs still match
     assert TransformPlan(mlp_scales=True).to_dict()["mlp_scales"] is True
     for method in ("smoothquant", "omniquant", "affinequant"):
-        assert not plan_for(QuantConfig(method=method, wbits=6, abits=6)).mlp_scales
+        # on by default for AffineQuant with activation bits only: SmoothQuant and OmniQuant run as published
+        assert plan_for(QuantConfig(method=method, wbits=6, abits=6)).mlp_scales == (method == "affinequant")
         assert plan_for(QuantConfig(method=method, wbits=6, abits=6, mlp_scales=True)).mlp_scales
+        assert not plan_for(QuantConfig(method=method, wbits=6, abits=6, mlp_scales=False)).mlp_scales
+    assert not plan_for(QuantConfig(method="affinequant", wbits=4)).mlp_scales  # weight-only: off by default
     assert not plan_for(QuantConfig(method="omniquant", wbits=4, mlp_scales=True)).mlp_scales  # no scales there
     assert QuantConfig.from_dict(QuantConfig(method="affinequant", mlp_scales=True).to_dict()).mlp_scales
+    assert QuantConfig.from_dict(QuantConfig(method="affinequant", mlp_scales=False).to_dict()).mlp_scales is False
     assert "mlp_scales" not in QuantConfig(method="affinequant").to_dict()
+    with pytest.raises(LowbitError, match="mlp_scales"):
+        QuantConfig(method="affinequant", mlp_scales="yes")
+
+
+def test_default_mlp_scales_left_out_where_inexact():
+    from lowbit.config import QuantConfig
+    from lowbit.ptq.recipes import plan_for_model
+
+    model, adapter = make_tiny_model("opt"), adapter_for("opt")
+    config = QuantConfig(method="affinequant", wbits=4, abits=4)
+    assert plan_for_model(config, adapter, model.config).mlp_scales  # ReLU: exact
+    model.config.activation_function = "gelu"
+    assert not plan_for_model(config, adapter, model.config).mlp_scales  # the default steps aside
+    explicit = QuantConfig(method="affinequant", wbits=4, abits=4, mlp_scales=True)
+    assert plan_for_model(explicit, adapter, model.config).mlp_scales  # asked for: the engine refuses it
 
 
 def test_mlp_scales_refuse_an_opt_without_relu():

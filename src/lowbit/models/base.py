@@ -54,13 +54,15 @@ class LinearPair:
     # (config attribute, values) under which an elementwise pair is exact, e.g. OPT's ReLU; None: always
     requires: tuple[str, tuple[str, ...]] | None = None
 
+    def exact_for(self, config) -> bool:
+        """Whether the model's config keeps a transform on this pair exact (``requires``)."""
+        return self.requires is None or getattr(config, self.requires[0], None) in self.requires[1]
+
     def check(self, config) -> None:
         """Refuse a transform on this pair when the model's config breaks what makes it exact."""
-        if self.requires is None:
-            return
-        attr, allowed = self.requires
-        value = getattr(config, attr, None)
-        if value not in allowed:
+        if not self.exact_for(config):
+            attr, allowed = self.requires
+            value = getattr(config, attr, None)
             raise LowbitError(f"{self.source} -> {', '.join(self.targets)} scales are exact only with {attr} in "
                               f"{allowed}, this model has {value!r}; leave out --mlp-scales")
 

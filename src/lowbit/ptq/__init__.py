@@ -13,7 +13,7 @@ from lowbit.config import QuantConfig
 from lowbit.data.texts import calibration_windows
 from lowbit.models.loading import LoadedModel
 from lowbit.ptq.engine import CalibOptions, calibrate
-from lowbit.ptq.recipes import default_epochs, default_let_lr, plan_for
+from lowbit.ptq.recipes import default_epochs, default_let_lr, plan_for_model
 from lowbit.ptq.rtn import quantize_rtn
 from lowbit.ptq.wrap import wrap_linears
 
@@ -38,7 +38,8 @@ def quantize(loaded: LoadedModel, config: QuantConfig, device: str | None = None
     options = CalibOptions(epochs=default_epochs(config), batch_size=config.batch_size, let_lr=default_let_lr(config),
                            lwc_lr=config.lwc_lr, aug_loss=config.aug_loss, device=device,
                            checkpoint_dir=checkpoint_dir, progress=progress, tf32=tf32)
-    loaded.calibration_log = calibrate(loaded, config, plan_for(config), options, windows)
+    plan = plan_for_model(config, loaded.adapter, loaded.model.config)
+    loaded.calibration_log = calibrate(loaded, config, plan, options, windows)
     return loaded
 
 

@@ -54,7 +54,7 @@ class BlockCheckpoints:
             raise LowbitError(
                 f"checkpoint directory {self.dir} belongs to a run with another configuration ({changed}); delete "
                 "it, or rerun with that run's options to resume (recipe defaults can change between lowbit versions: "
-                "--scale-init, --let-lr and --epochs set them explicitly)"
+                "--scale-init, --mlp-scales, --let-lr and --epochs set them explicitly)"
             )
         _atomic_write(path, lambda p: p.write_text(text))
 
