@@ -21,7 +21,7 @@ import torch
 from lowbit import QuantConfig, load_model
 from lowbit.data.texts import calibration_windows
 from lowbit.ptq.engine import CalibOptions, calibrate
-from lowbit.ptq.recipes import plan_for
+from lowbit.ptq.recipes import plan_for_model
 from lowbit.report import print_markdown, write_json
 
 
@@ -51,7 +51,7 @@ def main() -> None:
         loaded = copy.deepcopy(base)
         with torch.cuda.stream(torch.cuda.Stream()):
             opts = CalibOptions(epochs=args.epochs, device="cuda", progress=False)
-            logs = calibrate(loaded, config, plan_for(config), opts, windows)
+            logs = calibrate(loaded, config, plan_for_model(config, loaded.adapter, loaded.model.config), opts, windows)
             torch.cuda.current_stream().synchronize()
         return [e.loss_after for e in logs]
 

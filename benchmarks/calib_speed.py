@@ -18,7 +18,7 @@ import torch
 from lowbit import QuantConfig, load_model
 from lowbit.data.texts import calibration_windows
 from lowbit.ptq.engine import CalibOptions, calibrate
-from lowbit.ptq.recipes import plan_for
+from lowbit.ptq.recipes import plan_for_model
 from lowbit.report import print_markdown, write_json
 
 
@@ -51,7 +51,7 @@ def main() -> None:
                             tf32=tf32, progress=False)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        logs = calibrate(loaded, config, plan_for(config), opts, windows)
+        logs = calibrate(loaded, config, plan_for_model(config, loaded.adapter, loaded.model.config), opts, windows)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         rows.append({"cuda_graph": graph, "tf32": tf32, "seconds": seconds, "ms_per_step": 1e3 * seconds / steps,

@@ -48,11 +48,11 @@ def parse_run(text: str, args) -> QuantConfig:
                        let_lr=getattr(args, "let_lr", None), mlp_scales=getattr(args, "mlp_scales", None))
 
 
-def _learning(config: QuantConfig) -> dict:
+def _learning(config: QuantConfig, plan) -> dict:
     """What the run's transforms learnt with (nothing for rtn, which learns nothing)."""
     if config.method == "rtn":
         return {}
-    plan = plan_for(config)
+    plan = plan or plan_for(config)
     return {"let_lr": default_let_lr(config), "lwc_lr": config.lwc_lr, "scale_init": plan.scale_init,
             "mlp_scales": plan.mlp_scales}
 
@@ -107,7 +107,7 @@ def evaluate_one(cal: Calibrated, args, options: EvalOptions, parallel: bool, tf
                    peak_gpu_scope="whole process, all concurrent runs" if parallel else "this run",
                    gpu_allocated_gib_per_block=[e.gpu_allocated_gib for e in loaded.calibration_log or []],
                    eager_blocks=[e.block for e in loaded.calibration_log or [] if e.cuda_graph is False],
-                   recipe={"nsamples": config.nsamples, "seqlen": config.seqlen, **_learning(config),
+                   recipe={"nsamples": config.nsamples, "seqlen": config.seqlen, **_learning(config, loaded.calibration_plan),
                            "epochs": default_epochs(config), "batch_size": config.batch_size, "tf32": tf32})
     line = (f"| {config.label} | {config.name} | {new[0]['value']:.3f} | {cal.seconds / blocks:.2f} | "
             f"{'-' if cal.peak is None else f'{cal.peak:.2f}'} |")

@@ -57,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.hidden, args.layers, args.heads, args.intermediate, args.seqlen, args.batch_size = 256, 2, 4, 704, 256, 4
     if args.iters < 20:
         raise LowbitError(f"--iters must be at least 20 (median of >= 20 runs), got {args.iters}")
+    if args.lm_only and (args.skip_lm or args.layer_only):
+        raise LowbitError("--lm-only runs only the LM steps; it contradicts --skip-lm and --layer-only")
+    if args.graph and (args.skip_lm or args.layer_only):
+        raise LowbitError("--graph applies to the LM steps, which --skip-lm and --layer-only leave out")
     return args
 
 
@@ -318,8 +322,6 @@ def main(argv=None) -> int:
     os.environ.setdefault("LOWBIT_KERNELS", "auto")
     device = torch.cuda.get_device_name()
     rows, fused = [], []
-    if args.lm_only:
-        args.layer_only = False
     if not (args.layer_only or args.lm_only):
         rows = bench_gemms(args.tokens, args.width, args.width, args.iters)
         print_markdown(["GEMM", "shape", "ms", "TFLOP/s", "x bf16", "exact"],

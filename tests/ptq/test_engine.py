@@ -112,6 +112,26 @@ def test_recipe_defaults_spelled_out_resume_a_run_that_took_them(tmp_path, tiny_
                  checkpoint_dir=tmp_path, progress=False)
 
 
+def test_default_mlp_scales_resume_a_run_that_asked_for_them(tmp_path, tiny_tokenizer):
+    """Before the MLP scales were AffineQuant's default, a run asked for them (``mlp_scales=True`` in the config);
+    the default and the explicit spelling write that same manifest, and turning them off is refused."""
+    loaded = tiny_loaded("llama", tiny_tokenizer)
+    quantize(loaded, config(epochs=1, mlp_scales=True), checkpoint_dir=tmp_path, progress=False)
+    saved = json.loads((tmp_path / "manifest.json").read_text())
+    assert saved["config"]["mlp_scales"] is True and saved["plan"]["mlp_scales"] is True
+    quantize(tiny_loaded("llama", tiny_tokenizer), config(epochs=1), checkpoint_dir=tmp_path, progress=False)
+    assert json.loads((tmp_path / "manifest.json").read_text()) == saved
+    with pytest.raises(LowbitError, match="mlp_scales"):
+        quantize(tiny_loaded("llama", tiny_tokenizer), config(epochs=1, mlp_scales=False), checkpoint_dir=tmp_path,
+                 progress=False)
+    # what a saved model says: the resolved value, not the default's None
+    from lowbit.models.saving import _resolved_config
+
+    assert loaded.calibration_plan.mlp_scales
+    assert _resolved_config(config(epochs=1), loaded.calibration_plan)["mlp_scales"] is True
+    assert "mlp_scales" not in config(epochs=1).to_dict()
+
+
 def test_non_finite_loss_rolls_back_and_retries(tiny_tokenizer, monkeypatch, caplog):
     real = engine.block_loss
     state = {"calls": 0}

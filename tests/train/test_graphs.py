@@ -49,12 +49,22 @@ def test_eager_fallback_is_a_plain_training_step(quant):
 def test_bad_config_and_inputs():
     with pytest.raises(LowbitError, match="warmup_steps"):
         GraphStepConfig(warmup_steps=0)
-    with pytest.raises(LowbitError, match="clip_norm"):
+    with pytest.raises(LowbitError, match="clip norm"):
         GraphStepConfig(clip_norm=0.0)
     model = _model()
     step = GraphedTrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), _loss)
     with pytest.raises(LowbitError, match="input tensors"):
         step()
+
+
+def test_eager_non_finite_loss_refused_before_the_update():
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    step = GraphedTrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, x: m(x).sum() * float("nan"),
+                            GraphStepConfig(autocast_dtype=None, check_finite=True))
+    with pytest.raises(LowbitError, match="loss became nan at step 1"):
+        step(_batches(1)[0][0])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_make_capturable_needs_a_fresh_optimizer():
@@ -94,6 +104,23 @@ def test_captured_float_step_equals_eager_with_a_schedule():
     assert graphed_losses == pytest.approx(eager_losses, rel=1e-5)
     for pe, pg in zip(eager.parameters(), graphed.parameters()):
         torch.testing.assert_close(pg, pe, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_capture_refuses_an_uncapturable_optimizer_and_warns_of_float_rates():
+    model = _model("cuda", quant=True)
+    assert model[0].generator("cuda") is model[0].generator(torch.device("cuda", torch.cuda.current_device()))
+    step = GraphedTrainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-2), _loss, GraphStepConfig(warmup_steps=1))
+    x, y = _batches(1, "cuda")[0]
+    step(x, y)
+    for _ in range(2):  # refused at capture, and again without recording anything
+        with pytest.raises(LowbitError, match="make_capturable"):
+            step(x, y)
+    sgd = GraphedTrainStep(model, torch.optim.SGD(model.parameters(), lr=1e-2), _loss, GraphStepConfig(warmup_steps=1))
+    sgd(x, y)
+    with pytest.warns(UserWarning, match="Python float"):
+        sgd(x, y)
+    assert sgd.captured
 
 
 @pytest.mark.gpu

@@ -65,6 +65,9 @@ def wxax_linear_reference(x: torch.Tensor, weight: PackedWeight, act_bits: int, 
 
 
 PATHS = ("auto", "fp8", "int8")
+# chunk of a row the activation quantizer reads at once: 2048 (4 warps) beat 4096 (8 warps) by 3-21% on the H100
+# (benchmarks/act_quant_sweep.py: K = 4096 and 11008, M = 2048 and 8192; 1.1-1.5 -> 1.4-1.9 TB/s)
+ACT_CHUNK = 2048
 FP8_AUTO = True  # "auto" takes FP8 where w4a4_fp8.use_fp8 says (M >= 2048, per-channel 4-bit weights)
 
 
@@ -129,7 +132,7 @@ def quantize_activations_reference(x: torch.Tensor, bits: int, symmetric: bool, 
     return QuantizedActivations(codes, qt.scale.reshape(m).contiguous(), alpha.float().contiguous(), sums)
 
 
-def quantize_activations(x: torch.Tensor, bits: int, symmetric: bool, group_size: int, max_chunk: int = 4096
+def quantize_activations(x: torch.Tensor, bits: int, symmetric: bool, group_size: int, max_chunk: int = ACT_CHUNK
                          ) -> QuantizedActivations:
     """Per-token quantization of a 2-D x: the Triton kernel or the reference, equal bit for bit. ``max_chunk``: see
     ``launch_quantize_rows`` (tests make it small to run several chunks per row)."""
@@ -153,15 +156,16 @@ def quantize_activations(x: torch.Tensor, bits: int, symmetric: bool, group_size
 
 
 def launch_quantize_rows(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, alpha: torch.Tensor,
-                         sums: torch.Tensor | None, bits: int, symmetric: bool, group: int, max_chunk: int = 4096
-                         ) -> None:
+                         sums: torch.Tensor | None, bits: int, symmetric: bool, group: int, max_chunk: int = ACT_CHUNK,
+                         num_warps: int | None = None) -> None:
     """Run ``_quantize_rows_kernel`` on a contiguous (M, K) x: int8 codes (with row sums per ``group``, 0 for whole
     rows) or, when ``codes`` is float8_e4m3fn, the FP8 form of ``lowbit.kernels.w4a4_fp8`` (no sums).
 
-    One program per row, reading the row in chunks of at most ``max_chunk`` elements (16 per thread at 4096, the
-    default): K is not padded to a power of two (11008 was padded to 16384 before, and 16 warps held one row, which
+    One program per row, reading the row in chunks of at most ``max_chunk`` elements (16 per thread, 4 warps, at
+    2048, the default): K is not padded to a power of two (11008 was padded to 16384 before, and 16 warps held one row, which
     made K = 11008 cost twice its bytes' share), and registers stay light enough for several rows per SM. A group
-    wider than a chunk widens the chunk, so group sums never straddle two chunks."""
+    wider than a chunk widens the chunk, so group sums never straddle two chunks. ``num_warps`` None: one warp per
+    512 elements of a chunk, at most 8 (``benchmarks/act_quant_sweep.py`` times the alternatives)."""
     m, k = x.shape
     fp8 = codes.dtype == torch.float8_e4m3fn
     chunk = max(min(triton.next_power_of_2(k), triton.next_power_of_2(max_chunk)), group)
@@ -169,7 +173,7 @@ def launch_quantize_rows(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tens
         x.contiguous(), codes, scale, alpha, codes if sums is None else sums, m, k,
         QMIN=-(2 ** (bits - 1)) if symmetric else 0, QMAX=2 ** (bits - 1) - 1 if symmetric else 2**bits - 1,
         SHIFT=act_shift(bits, symmetric), SYMMETRIC=symmetric, GROUP=group, FP8=fp8, CHUNK=chunk,
-        num_warps=1 if interpreting() else max(1, min(8, chunk // 512)),
+        num_warps=1 if interpreting() else num_warps or max(1, min(8, chunk // 512)),
     )
 
 

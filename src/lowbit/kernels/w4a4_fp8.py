@@ -46,7 +46,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.dispatch import backend_for, interpreting
-from lowbit.kernels.w4a4 import act_shift, launch_quantize_rows
+from lowbit.kernels.w4a4 import ACT_CHUNK, act_shift, launch_quantize_rows
 from lowbit.kernels.weights import PackedWeight
 from lowbit.quant.quantizer import QuantSpec, quantize
 
@@ -112,7 +112,8 @@ def prepare_fp8(weight: PackedWeight) -> FP8Layout:
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
-def quantize_activations_fp8(x: torch.Tensor, bits: int, symmetric: bool, max_chunk: int = 4096) -> FP8Activations:
+def quantize_activations_fp8(x: torch.Tensor, bits: int, symmetric: bool, max_chunk: int = ACT_CHUNK,
+                             num_warps: int | None = None) -> FP8Activations:
     """Per-token quantization of a contiguous (M, K) x to the FP8 form: the Triton kernel or the reference."""
     if backend_for(x) == "reference":
         return quantize_activations_fp8_reference(x, bits, symmetric)
@@ -120,7 +121,7 @@ def quantize_activations_fp8(x: torch.Tensor, bits: int, symmetric: bool, max_ch
     codes = torch.empty((m, k), dtype=FP8, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     offset = torch.empty(m, dtype=torch.float32, device=x.device)
-    launch_quantize_rows(x, codes, scale, offset, None, bits, symmetric, 0, max_chunk)
+    launch_quantize_rows(x, codes, scale, offset, None, bits, symmetric, 0, max_chunk, num_warps)
     return FP8Activations(codes, scale, offset)
 
 

@@ -42,6 +42,7 @@ class LoadedModel:
     source: str
     quant_config: object | None = None  # the QuantConfig of a directory written by ``lowbit quantize``
     calibration_log: list | None = None  # per-block log of a calibrating method
+    calibration_plan: object | None = None  # the TransformPlan a calibrating method ran (recipe defaults resolved)
 
 
 def default_model_path() -> Path:

@@ -88,7 +88,7 @@ def save_quantized(
             "lowbit_version": _version(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source_model": loaded.source,
-            "config": config.to_dict(),
+            "config": _resolved_config(config, getattr(loaded, "calibration_plan", None)),
             "config_name": config.name,
             "weights": f"rounded to the {config.name} grid, stored dequantized as {hf_config['dtype']}",
             "activations": None if config.act_spec is None else {
@@ -106,6 +106,15 @@ def save_quantized(
             write_log(loaded.calibration_log, tmp)
         (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return output
+
+
+def _resolved_config(config, plan) -> dict:
+    """The config as written, with the MLP scales the run took by default spelled out (a later default cannot
+    change what the file says)."""
+    data = config.to_dict()
+    if plan is not None and getattr(config, "mlp_scales", False) is None:
+        data["mlp_scales"] = bool(plan.mlp_scales)
+    return data
 
 
 def _save_online(model, directory: Path) -> list[str]:

@@ -39,6 +39,7 @@ def quantize(loaded: LoadedModel, config: QuantConfig, device: str | None = None
                            lwc_lr=config.lwc_lr, aug_loss=config.aug_loss, device=device,
                            checkpoint_dir=checkpoint_dir, progress=progress, tf32=tf32)
     plan = plan_for_model(config, loaded.adapter, loaded.model.config)
+    loaded.calibration_plan = plan
     loaded.calibration_log = calibrate(loaded, config, plan, options, windows)
     return loaded
 

@@ -179,6 +179,8 @@ def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, op
     # the config as the recipe resolved it: let_lr's value (a default, None, resolves to what older runs wrote),
     # the scales' start and the MLP scales only through the plan, so the options spelled out resume a run that took them by default
     resolved = {k: v for k, v in config.to_dict().items() if k not in ("scale_init", "mlp_scales")}
+    if plan.mlp_scales:  # as runs that asked for them before they were a default wrote it
+        resolved["mlp_scales"] = True
     manifest = {"config": {**resolved, "let_lr": opts.let_lr}, "plan": plan.to_dict(), "options": {
         k: v for k, v in asdict(opts).items() if k not in ("checkpoint_dir", "progress", "device", "cuda_graph", "tf32")}}
     ckpt = BlockCheckpoints(opts.checkpoint_dir, manifest)

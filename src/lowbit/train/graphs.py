@@ -20,6 +20,7 @@ generator, which the graph registers so every replay draws new random numbers. O
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,12 +41,15 @@ class GraphStepConfig:
     clip_norm: float | None = 1.0
     autocast_dtype: torch.dtype | None = torch.bfloat16
     enabled: bool = True
+    # eager steps only: a non-finite loss raises before backward touches the weights (one host sync per step);
+    # a replay cannot stop midway, so a captured step's caller checks the returned loss afterwards
+    check_finite: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 1:
             raise LowbitError(f"warmup_steps must be an integer >= 1, got {self.warmup_steps!r}")
         if self.clip_norm is not None and not self.clip_norm > 0:
-            raise LowbitError(f"clip_norm must be positive or None, got {self.clip_norm!r}")
+            raise LowbitError(f"the gradient clip norm must be positive or None, got {self.clip_norm!r}")
 
 
 def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device | str) -> None:
@@ -83,6 +87,7 @@ class GraphedTrainStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self._static_inputs: tuple[torch.Tensor, ...] = ()
         self._static_loss: torch.Tensor | None = None
+        self._capture_error: LowbitError | None = None
 
     @property
     def captured(self) -> bool:
@@ -94,19 +99,24 @@ class GraphedTrainStep:
         self.calls += 1
         if self.graph is not None:
             return self._replay(inputs)
+        if self._capture_error is not None:  # do not record a failing capture again on every call
+            raise self._capture_error
         use_graph = self.config.enabled and inputs[0].is_cuda
         if not use_graph or self.calls <= self.config.warmup_steps:
             return self._eager(inputs, side_stream=use_graph)
         return self._capture(inputs)
 
     # --------------------------------------------------------------------------------------------- the step
-    def _step(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _step(self, inputs: tuple[torch.Tensor, ...], capturing: bool = False) -> torch.Tensor:
         dtype = self.config.autocast_dtype
-        # cache_enabled=False: autocast's weight-cast cache would hold tensors from the capture into the replays
+        # captured: no autocast weight-cast cache, which would hold tensors from the capture into the replays
         autocast = (contextlib.nullcontext() if dtype is None
-                    else torch.autocast(inputs[0].device.type, dtype=dtype, cache_enabled=False))
+                    else torch.autocast(inputs[0].device.type, dtype=dtype, cache_enabled=not capturing))
         with autocast:
             loss = self.loss_fn(self.model, *inputs)
+        if self.config.check_finite and not capturing and not torch.isfinite(loss.detach()).all():
+            raise LowbitError(f"the loss became {float(loss.detach())} at step {self.calls}, before the optimizer "
+                              "step; lower the learning rate")
         loss.backward()
         if self.config.clip_norm is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
@@ -125,21 +135,44 @@ class GraphedTrainStep:
         torch.cuda.current_stream(inputs[0].device).wait_stream(stream)
         return loss
 
+    def _check_optimizer(self) -> None:
+        """Refuse what a replay would silently get wrong: a capturable optimizer left uncapturable; warn about float
+        learning rates, which the graph keeps at their value at capture."""
+        groups = self.optimizer.param_groups
+        if any(group.get("capturable") is False for group in groups):
+            self._capture_error = LowbitError(
+                f"{type(self.optimizer).__name__} is not capturable: call make_capturable(optimizer, device) right "
+                "after building it, before the first step")
+            raise self._capture_error
+        if not all(isinstance(group["lr"], torch.Tensor) for group in groups):
+            warnings.warn("the optimizer's learning rate is a Python float: the CUDA graph keeps its value at "
+                          "capture, so a scheduler no longer changes it (make_capturable turns Adam/AdamW's into "
+                          "tensors)", stacklevel=3)
+
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        self._check_optimizer()
         device = inputs[0].device
         self._static_inputs = tuple(t.detach().clone() for t in inputs)
         # gradients allocated inside the capture live in the graph's pool; each replay writes them afresh
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        for gen in layer_generators(self.model, device):
+        generators = layer_generators(self.model, device)
+        if generators and not hasattr(graph, "register_generator_state"):
+            self._capture_error = LowbitError(
+                f"torch {torch.__version__} cannot register the 4-bit layers' generators with a CUDA graph (a newer "
+                "torch can); upgrade torch or run the steps eagerly (GraphStepConfig(enabled=False))")
+            raise self._capture_error
+        for gen in generators:
             graph.register_generator_state(gen)
         torch.cuda.synchronize(device)
         try:
             with torch.cuda.graph(graph):
-                self._static_loss = self._step(self._static_inputs)
+                self._static_loss = self._step(self._static_inputs, capturing=True)
         except RuntimeError as err:
-            raise LowbitError(f"the training step could not be captured in a CUDA graph ({err}); "
-                              "run it eagerly (GraphStepConfig(enabled=False))") from err
+            self._capture_error = LowbitError(
+                f"the training step could not be captured in a CUDA graph ({str(err).splitlines()[0]}); it must "
+                "not sync with the host or branch on data. Run it eagerly (GraphStepConfig(enabled=False))")
+            raise self._capture_error from err
         self.graph = graph
         graph.replay()  # capturing records the kernels without running them: this call's step runs now
         return self._static_loss.clone()

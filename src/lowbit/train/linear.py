@@ -54,6 +54,8 @@ class _LayerState:
     act_numel: float | None = None  # element count fixing the activation step's LSQ gradient scale
 
     def generator(self, device: torch.device) -> torch.Generator:
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must be one generator
+            device = torch.device("cuda", torch.cuda.current_device())
         key = str(device)
         if key not in self.generators:
             self.generators[key] = torch.Generator(device=device).manual_seed(self.seed)

@@ -111,7 +111,7 @@ def train_lm(model, train_ids: torch.Tensor, seqlen: int, recipe: LMRecipe, desc
         make_capturable(opt, train_ids.device)
     sched = warmup_schedule(opt, recipe.steps)
     step_fn = GraphedTrainStep(model, opt, lm_loss, GraphStepConfig(clip_norm=recipe.clip, autocast_dtype=None,
-                                                                    enabled=recipe.cuda_graph))
+                                                                    enabled=recipe.cuda_graph, check_finite=True))
     gen = torch.Generator().manual_seed(recipe.seed)
     history: list[dict] = []
     start = time.perf_counter()
@@ -119,7 +119,7 @@ def train_lm(model, train_ids: torch.Tensor, seqlen: int, recipe: LMRecipe, desc
     for step in bar:
         batch = random_windows(train_ids, recipe.batch_size, seqlen, gen)
         value = float(step_fn(batch))
-        if not math.isfinite(value):
+        if not math.isfinite(value):  # a replayed step (eager steps refuse before updating the weights)
             raise LowbitError(f"loss became {value} at step {step}; lower --lr")
         sched.step()
         history.append({"step": step + 1, "loss": value, "lr": float(sched.get_last_lr()[0]),
