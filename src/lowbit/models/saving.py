@@ -109,11 +109,11 @@ def save_quantized(
 
 
 def _resolved_config(config, plan) -> dict:
-    """The config as written, with the MLP scales the run took by default spelled out (a later default cannot
-    change what the file says)."""
+    """The config as written, with MLP scales the run took by default spelled out (a later default cannot change
+    what the file says); a run without them keeps the plain config, which reloads equal to the one given."""
     data = config.to_dict()
-    if plan is not None and getattr(config, "mlp_scales", False) is None:
-        data["mlp_scales"] = bool(plan.mlp_scales)
+    if plan is not None and getattr(config, "mlp_scales", False) is None and plan.mlp_scales:
+        data["mlp_scales"] = True
     return data
 
 
