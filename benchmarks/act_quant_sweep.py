@@ -4,7 +4,7 @@
 
 ``quantize_activations_fp8`` reads a (M, K) bf16 x once and writes e4m3 codes plus per-row scales, so its floor
 is DRAM speed over 3 bytes per element. Each variant is timed as CUDA-graph replays (median of 30, µs), its
-effective bandwidth reported, and its output checked equal to the default launch's (``w4a4.ACT_CHUNK``, one warp per 512 elements). JSON to
+effective bandwidth reported, and its output checked equal to the default launch's (``w4a4.act_launch``). JSON to
 benchmarks/results/act_quant_sweep.json.
 """
 
@@ -28,13 +28,13 @@ WARPS = (2, 4, 8, 16)
 
 
 def sweep(m: int, k: int, cfg: Config) -> list[dict]:
-    from lowbit.kernels.w4a4 import ACT_CHUNK
+    from lowbit.kernels.w4a4 import act_launch
     from lowbit.kernels.w4a4_fp8 import quantize_activations_fp8
 
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(m + k))
     want = quantize_activations_fp8(x, 4, False)
     rows = []
-    for chunk in sorted({min(c, 1 << (k - 1).bit_length()) for c in CHUNKS}):  # chunks never exceed K's power of 2
+    for chunk in sorted({act_launch(k, c)[0] for c in CHUNKS}):  # chunks never exceed K's power of 2
         for warps in WARPS:
             if chunk < 32 * warps:
                 continue
@@ -44,7 +44,7 @@ def sweep(m: int, k: int, cfg: Config) -> list[dict]:
                            cfg)
             rows.append({"m": m, "k": k, "chunk": chunk, "num_warps": warps, "us": round(us, 2),
                          "tb_per_s": round(m * k * 3 / us / 1e6, 3), "equal_to_default": same,
-                         "default": chunk == min(ACT_CHUNK, 1 << (k - 1).bit_length()) and warps == chunk // 512, "device": torch.cuda.get_device_name()})
+                         "default": (chunk, warps) == act_launch(k), "device": torch.cuda.get_device_name()})
     return rows
 
 

@@ -65,8 +65,8 @@ def wxax_linear_reference(x: torch.Tensor, weight: PackedWeight, act_bits: int, 
 
 
 PATHS = ("auto", "fp8", "int8")
-# chunk of a row the activation quantizer reads at once: 2048 (4 warps) beat 4096 (8 warps) by 3-21% on the H100
-# (benchmarks/act_quant_sweep.py: K = 4096 and 11008, M = 2048 and 8192; 1.1-1.5 -> 1.4-1.9 TB/s)
+# chunk of a row the activation quantizer reads at once: 2048 (4 warps) beat 4096 (8 warps) by 14-21% on the H100
+# (benchmarks/act_quant_sweep.py: K = 4096 and 11008, M = 2048 and 8192; 1.1-1.5 -> 1.3-1.9 TB/s)
 ACT_CHUNK = 2048
 FP8_AUTO = True  # "auto" takes FP8 where w4a4_fp8.use_fp8 says (M >= 2048, per-channel 4-bit weights)
 
@@ -168,13 +168,19 @@ def launch_quantize_rows(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tens
     512 elements of a chunk, at most 8 (``benchmarks/act_quant_sweep.py`` times the alternatives)."""
     m, k = x.shape
     fp8 = codes.dtype == torch.float8_e4m3fn
-    chunk = max(min(triton.next_power_of_2(k), triton.next_power_of_2(max_chunk)), group)
+    chunk, warps = act_launch(k, max_chunk, group, num_warps)
     _quantize_rows_kernel[(m,)](
         x.contiguous(), codes, scale, alpha, codes if sums is None else sums, m, k,
         QMIN=-(2 ** (bits - 1)) if symmetric else 0, QMAX=2 ** (bits - 1) - 1 if symmetric else 2**bits - 1,
         SHIFT=act_shift(bits, symmetric), SYMMETRIC=symmetric, GROUP=group, FP8=fp8, CHUNK=chunk,
-        num_warps=1 if interpreting() else num_warps or max(1, min(8, chunk // 512)),
+        num_warps=1 if interpreting() else warps,
     )
+
+
+def act_launch(k: int, max_chunk: int = ACT_CHUNK, group: int = 0, num_warps: int | None = None) -> tuple[int, int]:
+    """The chunk width and warps per row ``launch_quantize_rows`` uses for rows of width ``k``."""
+    chunk = max(min(1 << max(k - 1, 0).bit_length(), 1 << max(max_chunk - 1, 0).bit_length()), group)
+    return chunk, num_warps or max(1, min(8, chunk // 512))
 
 
 if triton is not None:

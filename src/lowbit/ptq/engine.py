@@ -177,7 +177,8 @@ def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, op
     heads = adapter.heads(model.config)
     blocks = adapter.blocks(model)
     # the config as the recipe resolved it: let_lr's value (a default, None, resolves to what older runs wrote),
-    # the scales' start and the MLP scales only through the plan, so the options spelled out resume a run that took them by default
+    # the scales' start only through the plan, and MLP scales as True when the plan has them (what runs that asked
+    # for them wrote), so the options spelled out resume a run that took them by default and the reverse
     resolved = {k: v for k, v in config.to_dict().items() if k not in ("scale_init", "mlp_scales")}
     if plan.mlp_scales:  # as runs that asked for them before they were a default wrote it
         resolved["mlp_scales"] = True

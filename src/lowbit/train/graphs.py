@@ -116,7 +116,7 @@ class GraphedTrainStep:
             loss = self.loss_fn(self.model, *inputs)
         if self.config.check_finite and not capturing and not torch.isfinite(loss.detach()).all():
             raise LowbitError(f"the loss became {float(loss.detach())} at step {self.calls}, before the optimizer "
-                              "step; lower the learning rate")
+                              "step; lower the learning rate (--lr)")
         loss.backward()
         if self.config.clip_norm is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
@@ -147,7 +147,7 @@ class GraphedTrainStep:
         if not all(isinstance(group["lr"], torch.Tensor) for group in groups):
             warnings.warn("the optimizer's learning rate is a Python float: the CUDA graph keeps its value at "
                           "capture, so a scheduler no longer changes it (make_capturable turns Adam/AdamW's into "
-                          "tensors)", stacklevel=3)
+                          "tensors)", stacklevel=4)
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         self._check_optimizer()

@@ -120,7 +120,7 @@ def train_lm(model, train_ids: torch.Tensor, seqlen: int, recipe: LMRecipe, desc
         batch = random_windows(train_ids, recipe.batch_size, seqlen, gen)
         value = float(step_fn(batch))
         if not math.isfinite(value):  # a replayed step (eager steps refuse before updating the weights)
-            raise LowbitError(f"loss became {value} at step {step}; lower --lr")
+            raise LowbitError(f"the loss became {value} at step {step + 1}; lower the learning rate (--lr)")
         sched.step()
         history.append({"step": step + 1, "loss": value, "lr": float(sched.get_last_lr()[0]),
                         "time_s": round(time.perf_counter() - start, 3)})
