@@ -7,8 +7,9 @@ take integer operands through ``lowbit.train.dispatch.int_matmul``.
 from lowbit.train.config import PRESETS, TrainQuantConfig, preset
 from lowbit.train.convert import convert, quantized_layers
 from lowbit.train.dispatch import int_matmul
+from lowbit.train.graphs import GraphedTrainStep, GraphStepConfig, make_capturable
 from lowbit.train.linear import QuantTrainLinear
 from lowbit.train.optim import lsq_parameters, param_groups
 
-__all__ = ["PRESETS", "QuantTrainLinear", "TrainQuantConfig", "convert", "int_matmul", "lsq_parameters", "param_groups",
-           "preset", "quantized_layers"]
+__all__ = ["PRESETS", "GraphStepConfig", "GraphedTrainStep", "QuantTrainLinear", "TrainQuantConfig", "convert",
+           "int_matmul", "lsq_parameters", "make_capturable", "param_groups", "preset", "quantized_layers"]
