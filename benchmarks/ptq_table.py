@@ -45,7 +45,8 @@ def parse_run(text: str, args) -> QuantConfig:
                        seed=args.seed, rounding=rounding or None, gptq_grid=getattr(args, "gptq_grid", "minmax"),
                        gptq_act_order=getattr(args, "gptq_act_order", True),
                        scale_init=getattr(args, "scale_init", None) if method in SCALE_LEARNING_METHODS else None,
-                       let_lr=getattr(args, "let_lr", None), mlp_scales=getattr(args, "mlp_scales", None))
+                       let_lr=getattr(args, "let_lr", None), mlp_scales=getattr(args, "mlp_scales", None),
+                       norm_matrices=getattr(args, "norm_matrices", False) and method == "affinequant")
 
 
 def _learning(config: QuantConfig, plan) -> dict:
@@ -54,7 +55,7 @@ def _learning(config: QuantConfig, plan) -> dict:
         return {}
     plan = plan or plan_for(config)
     return {"let_lr": default_let_lr(config), "lwc_lr": config.lwc_lr, "scale_init": plan.scale_init,
-            "mlp_scales": plan.mlp_scales}
+            "mlp_scales": plan.mlp_scales, "norm_matrices": plan.norm_matrices}
 
 
 @dataclass
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="per-block checkpoints (one subfolder per run): a killed run resumes where it stopped")
     p.add_argument("--scale-init", default=None, choices=SCALE_INITS,
                    help="start of the learnt scales of the omniquant / affinequant runs (default: the recipe's)")
+    p.add_argument("--norm-matrices", action="store_true",
+                   help="affinequant runs: full matrices at the norms, kept as online ops (other methods ignore it)")
     p.add_argument("--mlp-scales", action=argparse.BooleanOptionalAction, default=None,
                    help="diagonal scales on the MLP's inner pair, up_proj → down_proj (default: the recipe's, on for "
                         "affinequant with activation bits; --no-mlp-scales runs every method as in the papers)")
