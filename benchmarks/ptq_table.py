@@ -28,7 +28,7 @@ import torch
 from lowbit import QuantConfig, load_model, quantize
 from lowbit.config import GPTQ_GRIDS, SCALE_INITS, SCALE_LEARNING_METHODS
 from lowbit.eval import EvalOptions
-from lowbit.ptq.recipes import default_epochs, default_let_lr, plan_for
+from lowbit.ptq.recipes import default_epochs, default_let_lr
 from lowbit.report import eval_and_record, print_markdown, write_json
 
 
@@ -50,10 +50,9 @@ def parse_run(text: str, args) -> QuantConfig:
 
 
 def _learning(config: QuantConfig, plan) -> dict:
-    """What the run's transforms learnt with (nothing for rtn, which learns nothing)."""
+    """What the run's transforms learnt with (nothing for rtn, which learns nothing); ``plan`` is the one it ran."""
     if config.method == "rtn":
         return {}
-    plan = plan or plan_for(config)
     return {"let_lr": default_let_lr(config), "lwc_lr": config.lwc_lr, "scale_init": plan.scale_init,
             "mlp_scales": plan.mlp_scales, "norm_matrices": plan.norm_matrices}
 

@@ -88,7 +88,7 @@ def save_quantized(
             "lowbit_version": _version(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source_model": loaded.source,
-            "config": _resolved_config(config, getattr(loaded, "calibration_plan", None)),
+            "config": _resolved_config(config, loaded.calibration_plan),
             "config_name": config.name,
             "weights": f"rounded to the {config.name} grid, stored dequantized as {hf_config['dtype']}",
             "activations": None if config.act_spec is None else {
@@ -112,7 +112,7 @@ def _resolved_config(config, plan) -> dict:
     """The config as written, with MLP scales the run took by default spelled out (a later default cannot change
     what the file says); a run without them keeps the plain config, which reloads equal to the one given."""
     data = config.to_dict()
-    if plan is not None and getattr(config, "mlp_scales", False) is None and plan.mlp_scales:
+    if plan is not None and config.mlp_scales is None and plan.mlp_scales:
         data["mlp_scales"] = True
     return data
 

@@ -88,7 +88,7 @@ def _check(args) -> None:
             raise LowbitError(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
         if (args.hidden // args.heads) % 2:
             raise LowbitError(f"--hidden / --heads = {args.hidden // args.heads} must be even (rotary embeddings)")
-    elif getattr(args, "cuda_graph", False):
+    elif args.cuda_graph:
         raise LowbitError("--cuda-graph applies to --task lm only (SST-2 batches change length)")
     elif not args.epochs > 0:
         raise LowbitError(f"--epochs must be positive, got {args.epochs}")
@@ -141,7 +141,7 @@ def run_train(args) -> int:
     _check(args)
     qconfig = _quant_config(args)
     device = device_of(args.device)
-    if getattr(args, "cuda_graph", False) and not device.startswith("cuda"):
+    if args.cuda_graph and not device.startswith("cuda"):
         raise LowbitError(f"--cuda-graph needs a CUDA device, got --device {args.device} ({device})")
     if args.task == "sst2":
         return _run_sst2(args, qconfig, device)
@@ -171,7 +171,7 @@ def _run_lm(args, qconfig, device: str) -> int:
         convert(model, qconfig)  # refuses widths the Hadamard block cannot tile, before any training
     start = time.perf_counter()
     recipe = LMRecipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lsq_lr=args.lsq_lr, seed=args.seed,
-                      cuda_graph=getattr(args, "cuda_graph", False))
+                      cuda_graph=args.cuda_graph)
     train_ids, eval_ids = train_ids.to(device), eval_ids.to(device)
     history = train_lm(model, train_ids, args.seqlen, recipe, desc=f"train {args.quant}",
                        progress=not getattr(args, "quiet", False))

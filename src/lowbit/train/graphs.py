@@ -41,8 +41,8 @@ class GraphStepConfig:
     clip_norm: float | None = 1.0
     autocast_dtype: torch.dtype | None = torch.bfloat16
     enabled: bool = True
-    # eager steps only: a non-finite loss raises before backward touches the weights (one host sync per step);
-    # a replay cannot stop midway, so a captured step's caller checks the returned loss afterwards
+    # a non-finite loss raises (one host sync per step): an eager step before backward touches the weights, a
+    # replayed one after its update (a replay cannot stop midway)
     check_finite: bool = False
 
     def __post_init__(self) -> None:
@@ -114,9 +114,8 @@ class GraphedTrainStep:
                     else torch.autocast(inputs[0].device.type, dtype=dtype, cache_enabled=not capturing))
         with autocast:
             loss = self.loss_fn(self.model, *inputs)
-        if self.config.check_finite and not capturing and not torch.isfinite(loss.detach()).all():
-            raise LowbitError(f"the loss became {float(loss.detach())} at step {self.calls}, before the optimizer "
-                              "step; lower the learning rate (--lr)")
+        if self.config.check_finite and not capturing:
+            self._refuse_non_finite(loss.detach(), "before the optimizer step")
         loss.backward()
         if self.config.clip_norm is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
@@ -174,8 +173,7 @@ class GraphedTrainStep:
                 "not sync with the host or branch on data. Run it eagerly (GraphStepConfig(enabled=False))")
             raise self._capture_error from err
         self.graph = graph
-        graph.replay()  # capturing records the kernels without running them: this call's step runs now
-        return self._static_loss.clone()
+        return self._run_graph()  # capturing records the kernels without running them: this call's step runs now
 
     def _replay(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if len(inputs) != len(self._static_inputs):
@@ -186,5 +184,15 @@ class GraphedTrainStep:
                                   f"{static.dtype}, got {tuple(new.shape)} and {new.dtype}; build a new "
                                   "GraphedTrainStep for another shape")
             static.copy_(new, non_blocking=True)
+        return self._run_graph()
+
+    def _run_graph(self) -> torch.Tensor:
         self.graph.replay()
+        if self.config.check_finite:
+            self._refuse_non_finite(self._static_loss, "after the replayed update")
         return self._static_loss.clone()
+
+    def _refuse_non_finite(self, loss: torch.Tensor, when: str) -> None:
+        if not torch.isfinite(loss).all():
+            raise LowbitError(f"the loss became {float(loss)} at step {self.calls}, {when}; lower the learning rate "
+                              "(--lr)")
