@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lowbit import QuantConfig, load_model, quantize
-from lowbit.config import GPTQ_GRIDS, SCALE_INITS, SCALE_LEARNING_METHODS
+from lowbit.config import GPTQ_GRIDS, ROTATIONS, SCALE_INITS, SCALE_LEARNING_METHODS
 from lowbit.eval import EvalOptions
 from lowbit.ptq.recipes import default_epochs, default_let_lr
 from lowbit.report import eval_and_record, print_markdown, write_json
@@ -46,7 +46,8 @@ def parse_run(text: str, args) -> QuantConfig:
                        gptq_act_order=getattr(args, "gptq_act_order", True),
                        scale_init=getattr(args, "scale_init", None) if method in SCALE_LEARNING_METHODS else None,
                        let_lr=getattr(args, "let_lr", None), mlp_scales=getattr(args, "mlp_scales", None),
-                       norm_matrices=getattr(args, "norm_matrices", False) and method == "affinequant")
+                       norm_matrices=getattr(args, "norm_matrices", False) and method == "affinequant",
+                       rotate=getattr(args, "rotate", None))
 
 
 def _learning(config: QuantConfig, plan) -> dict:
@@ -76,7 +77,7 @@ def calibrate_one(fp, config: QuantConfig, args, parallel: bool, tf32: bool | No
         if cuda and not parallel:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        ckpt = None if args.checkpoint_dir is None else args.checkpoint_dir / f"{config.label}-{config.name}"
+        ckpt = None if args.checkpoint_dir is None else args.checkpoint_dir / f"{config.label.replace(' ', '-')}-{config.name}"
         quantize(loaded, config, device=args.device, checkpoint_dir=ckpt, progress=False, tf32=tf32)
         if stream is not None:
             stream.synchronize()
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mlp-scales", action=argparse.BooleanOptionalAction, default=None,
                    help="diagonal scales on the MLP's inner pair, up_proj → down_proj (default: the recipe's, on for "
                         "affinequant with activation bits; --no-mlp-scales runs every method as in the papers)")
+    p.add_argument("--rotate", default=None, choices=ROTATIONS,
+                   help="every run first rotates its linears' inputs or its residual stream (lowbit.transforms.rotation)")
     p.add_argument("--let-lr", type=float, default=None,
                    help="learning rate of scales and matrices (default: the recipe's)")
     p.add_argument("--gptq-grid", default="minmax", choices=GPTQ_GRIDS,

@@ -72,6 +72,20 @@ def make_tiny_model(arch: str, seed: int = 0):
     return model.eval()
 
 
+def randomise_transforms(calib, gen: torch.Generator) -> None:
+    """Push every transform far from identity while keeping matrices strictly diagonally dominant."""
+    with torch.no_grad():
+        for t in calib.transforms.values():
+            t.set_epoch(4, 5)  # the last epoch: the mask's band is fully open
+            t.log_scale.add_((torch.rand(t.log_scale.shape, generator=gen) * 1.5 + 0.5).log())
+            if t.offdiag is not None:
+                n, b, _ = t.offdiag.shape
+                t.offdiag.add_((torch.rand(n, b, b, generator=gen) - 0.5) * 2 / b)
+            if t.shift is not None:
+                t.shift.add_(torch.randn(t.shift.shape, generator=gen))
+            assert t.dominance_margin() > 0
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     """Save a tiny model of ``arch`` (with tokenizer) as an HF safetensors directory; cached per arch."""

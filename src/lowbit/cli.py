@@ -93,7 +93,7 @@ def _add_inference_parsers(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
-    from lowbit.config import GPTQ_GRIDS, METHODS, ROUNDINGS, SCALE_INITS
+    from lowbit.config import GPTQ_GRIDS, METHODS, ROTATIONS, ROUNDINGS, SCALE_INITS
 
     parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit transformers: quantize, evaluate, run, export.")
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sf", type=float, default=None, help="AffineQuant stability factor (default 0.1 with activation quantization, else 0.01)")
     c.add_argument("--aug-loss", action="store_true", help="also match the FP block on the quantized inputs")
     c.add_argument("--norm-matrices", action="store_true", help="AffineQuant: full matrices after the norms (kept as online ops)")
+    q.add_argument("--rotate", default=None, choices=ROTATIONS,
+                   help="rotate by a seeded Hadamard matrix before quantizing: inputs (each norm's output, online, "
+                        "merged into the linears reading it) or residual (QuaRot's offline rotation of the residual "
+                        "stream, RMSNorm models). Pays where activations are quantized (BENCHMARKS.md)")
     c.add_argument("--rounding", default=None, choices=ROUNDINGS,
                    help="final rounding of the weights (weight-only): gptq rounds the calibrated weights by GPTQ on "
                         "the grid the method learnt (default: the method's own; --method gptq is GPTQ alone). It helped "
@@ -190,7 +194,7 @@ def _run_quantize(args) -> int:
                          epochs=args.epochs, batch_size=args.calib_batch_size, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
                          alpha=args.alpha, sf=args.sf, scale_init=args.scale_init, mlp_scales=args.mlp_scales,
                          aug_loss=args.aug_loss,
-                         norm_matrices=args.norm_matrices,
+                         norm_matrices=args.norm_matrices, rotate=args.rotate,
                          rounding=args.rounding, gptq_grid=args.gptq_grid, gptq_act_order=args.gptq_act_order)
     config = dataclasses.replace(config, let_lr=default_let_lr(config))  # quantization.json records the rate used
     if args.output.exists() and not args.overwrite:

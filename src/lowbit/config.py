@@ -17,10 +17,11 @@ METHODS = ("rtn", "smoothquant", "omniquant", "affinequant", "gptq")
 ROUNDINGS = ("rtn", "gptq")
 GPTQ_GRIDS = ("minmax", "mse")
 SCALE_INITS = ("smoothquant", "identity")  # where learnt transforms start (see lowbit.ptq.recipes)
+ROTATIONS = ("inputs", "residual")  # lowbit.transforms.rotation
 SCALE_LEARNING_METHODS = ("omniquant", "affinequant")  # the methods --scale-init applies to
 # Fields added after the first release: written out only when they differ from their defaults, so the checkpoint
 # manifests of runs started before them still match (resume) and older readers still load plain configs.
-_LATER_FIELDS = ("scale_init", "mlp_scales", "rounding", "gptq_grid", "gptq_act_order", "gptq_damp", "gptq_block_size")
+_LATER_FIELDS = ("scale_init", "mlp_scales", "rotate", "rounding", "gptq_grid", "gptq_act_order", "gptq_damp", "gptq_block_size")
 
 
 def _check_bits(name: str, value: Any) -> None:
@@ -60,6 +61,9 @@ class QuantConfig:
     # diagonal scales on the MLP's inner pair (up→down, fc1→fc2), which the papers leave without any transform;
     # None: the recipe's (on for AffineQuant with quantized activations, lowbit.ptq.recipes.default_mlp_scales)
     mlp_scales: bool | None = None
+    # rotate before quantizing (lowbit.transforms.rotation): "inputs" (each norm's output, online, merged into its
+    # readers) or "residual" (QuaRot's offline rotation of the residual stream; RMSNorm models); None: no rotation
+    rotate: str | None = None
     # final rounding of the weights: None is the method's own (GPTQ for ``gptq``, round-to-nearest otherwise);
     # "gptq" after a calibrating method rounds its merged weights by GPTQ on the grid it learnt (weight-only)
     rounding: str | None = None
@@ -88,6 +92,11 @@ class QuantConfig:
             raise LowbitError(f"--scale-init must be one of {', '.join(SCALE_INITS)}, got {self.scale_init!r}")
         if self.mlp_scales not in (None, True, False):
             raise LowbitError(f"mlp_scales must be True, False or None (the recipe's), got {self.mlp_scales!r}")
+        if self.rotate not in (None, *ROTATIONS):
+            raise LowbitError(f"--rotate must be one of {', '.join(ROTATIONS)}, got {self.rotate!r}")
+        if self.rotate == "inputs" and self.mlp_scales:
+            raise LowbitError("--mlp-scales scale down_proj's input, which --rotate inputs rotates online (a scale "
+                              "before a rotation changes nothing it quantizes); drop one of them")
         if self.scale_init is not None and self.method not in SCALE_LEARNING_METHODS:
             raise LowbitError(f"--scale-init applies to the methods that learn scales (omniquant, affinequant), "
                               f"not {self.method}; drop it")
@@ -125,8 +134,10 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        """The method as tables name it: ``affinequant+gptq`` when GPTQ rounds after a calibrating method."""
-        return f"{self.method}+gptq" if self.method != "gptq" and self.rounding_method == "gptq" else self.method
+        """The method as tables name it: ``affinequant+gptq`` when GPTQ rounds after a calibrating method,
+        ``inputs-rotated rtn`` after a rotation."""
+        label = f"{self.method}+gptq" if self.method != "gptq" and self.rounding_method == "gptq" else self.method
+        return f"{self.rotate}-rotated {label}" if self.rotate else label
 
     @property
     def weight_spec(self) -> QuantSpec | None:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, randomise_transforms as randomise
 
 from lowbit.errors import LowbitError
 from lowbit.models.registry import adapter_for
@@ -17,20 +17,6 @@ PLANS = {
     # the MLP's inner pair through SwiGLU's product / OPT's ReLU: exact only as a positive diagonal without shift
     "mlp_scales": TransformPlan(scales=True, shifts=True, matrices=True, norm_matrices=True, sf=0.3, mlp_scales=True),
 }
-
-
-def randomise(calib: BlockCalibration, gen: torch.Generator) -> None:
-    """Push every transform far from identity while keeping matrices strictly diagonally dominant."""
-    with torch.no_grad():
-        for t in calib.transforms.values():
-            t.set_epoch(4, 5)  # the last epoch: the mask's band is fully open
-            t.log_scale.add_((torch.rand(t.log_scale.shape, generator=gen) * 1.5 + 0.5).log())
-            if t.offdiag is not None:
-                n, b, _ = t.offdiag.shape
-                t.offdiag.add_((torch.rand(n, b, b, generator=gen) - 0.5) * 2 / b)
-            if t.shift is not None:
-                t.shift.add_(torch.randn(t.shift.shape, generator=gen))
-            assert t.dominance_margin() > 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])

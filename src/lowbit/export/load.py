@@ -19,8 +19,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.linear import PackedLinear, expected_packed_shapes
 from lowbit.export.packed import FORMAT, FORMAT_VERSION, QUANT_FILE, WEIGHTS_FILE, lowbit_version
 from lowbit.models.loading import LoadedModel, resolve_dtype
-
-ONLINE = "lowbit_online"
+from lowbit.transforms.online import ONLINE
 MAX_LISTED = 4
 
 
@@ -105,7 +104,7 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
 
     from lowbit.config import QuantConfig
     from lowbit.models.registry import adapter_for
-    from lowbit.ptq.block import OnlineTransform, attach_online
+    from lowbit.transforms.online import OnlineTransform, attach_online
 
     directory = Path(directory).expanduser()
     meta = read_packed_metadata(directory)

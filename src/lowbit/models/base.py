@@ -78,12 +78,22 @@ class Adapter:
     linears: tuple[str, ...]
     pairs: tuple[LinearPair, ...]
     rope: bool
+    # what a rotation of the residual stream (lowbit.transforms.rotation) touches besides the norm pairs: the
+    # embedding whose rows are residual vectors, the head reading the final norm, the block linears that add
+    # into the residual; it is exact only for norms without mean subtraction or bias (RMSNorm)
+    embed_path: str = ""
+    lm_head_path: str = "lm_head"
+    residual_writers: tuple[str, ...] = ()
+    rms_norm: bool = False
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
 
     def final_norm(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.final_norm_path)
+
+    def norm_pairs(self) -> tuple[LinearPair, ...]:
+        return tuple(p for p in self.pairs if p.kind == "norm")
 
     def heads(self, config) -> HeadLayout:
         num_heads = config.num_attention_heads

@@ -21,4 +21,7 @@ LLAMA = Adapter(
         LinearPair("linear", "mlp.up_proj", ("mlp.down_proj",), elementwise=True),
     ),
     rope=True,
+    embed_path="model.embed_tokens",
+    residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+    rms_norm=True,
 )

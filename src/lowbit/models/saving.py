@@ -95,6 +95,8 @@ def save_quantized(
                 "bits": config.abits, "granularity": "token", "symmetric": config.act_symmetric, "dynamic": True,
             },
         }
+        if loaded.rotation is not None:
+            meta["rotation"] = loaded.rotation.to_dict()
         online = _save_online(loaded.model, tmp)
         if online:
             meta["online_ops"] = online
@@ -132,7 +134,7 @@ def _load_online(model, directory: Path, names: list[str]) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from lowbit.ptq.block import OnlineTransform, attach_online
+    from lowbit.transforms.online import OnlineTransform, attach_online
     from lowbit.ptq.checkpoint import ONLINE
 
     try:

@@ -4,7 +4,8 @@ During calibration the block runs through ``torch.func.functional_call`` with tr
 the frozen originals and the learnable transforms, so gradients reach the transforms and the clipping factors
 while the stored weights stay untouched. Norm pairs are applied as a hook on the norm's output (exact for any
 ``T``); at merge time a diagonal ``T`` is folded into the norm, and a full matrix stays as an explicit online
-op (``OnlineTransform``) that is saved and reloaded with the model.
+op (``OnlineTransform``) that is saved and reloaded with the model; after a rotation of the inputs
+(``lowbit.transforms.rotation``) every norm-side ``T`` composes into that rotation's online op.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from lowbit.errors import LowbitError
 from lowbit.models.base import Adapter, HeadLayout, LinearPair
 from lowbit.quant.clipping import LearnableClipping
 from lowbit.quant.fake_quant import QuantLinear
 from lowbit.quant.quantizer import QuantSpec
+from lowbit.transforms.online import OnlineTransform, attach_online, carry_online, online_op
 from lowbit.transforms.pair import PairTransform
 
 
@@ -44,28 +47,6 @@ class TransformPlan:
             if data[name] == default:
                 del data[name]
         return data
-
-
-class OnlineTransform(nn.Module):
-    """``(x - δ) T⁻¹`` after a norm, frozen: the part of a transform no weight could absorb."""
-
-    def __init__(self, inverse: torch.Tensor, shift: torch.Tensor | None) -> None:
-        super().__init__()
-        self.register_buffer("inverse", inverse.detach().clone(), persistent=False)
-        self.register_buffer("shift", None if shift is None else shift.detach().clone(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shift is not None:
-            x = x - self.shift.to(x.dtype)
-        shape = x.shape
-        n, b, _ = self.inverse.shape
-        return torch.einsum("...ni,nij->...nj", x.reshape(*shape[:-1], n, b), self.inverse.to(x.dtype)).reshape(shape)
-
-
-def attach_online(norm: nn.Module, op: OnlineTransform) -> None:
-    """Run ``op`` on ``norm``'s output from now on (kept as ``norm.lowbit_online`` so it can be saved)."""
-    norm.lowbit_online = op
-    norm.register_forward_hook(lambda module, args, out: module.lowbit_online(out))
 
 
 def _channel_stats(block: nn.Module, names: list[str], inputs: torch.Tensor, kwargs: dict, batch: int) -> dict:
@@ -106,7 +87,11 @@ class BlockCalibration(nn.Module):
     def _wrap(self, weight_spec, act_spec) -> dict[str, QuantLinear]:
         out = {}
         for name, lin in self.adapter.block_linears(self.block).items():
-            q = lin if isinstance(lin, QuantLinear) else QuantLinear(lin, weight_spec, act_spec, name=name)
+            if isinstance(lin, QuantLinear):
+                q = lin
+            else:
+                q = QuantLinear(lin, weight_spec, act_spec, name=name)
+                carry_online(lin, q)
             parent, _, attr = name.rpartition(".")
             setattr(self.block.get_submodule(parent) if parent else self.block, attr, q)
             if self.plan.lwc and weight_spec is not None:
@@ -122,6 +107,10 @@ class BlockCalibration(nn.Module):
         if not self.plan.scales:
             return
         active = {i: p for i, p in enumerate(self.pairs) if self.plan.mlp_scales or not p.elementwise}
+        for pair in active.values():  # a consumer transform assumes nothing runs between producer and weight
+            if any(online_op(self.linears[t]) is not None for t in pair.targets):
+                raise LowbitError(f"{', '.join(pair.targets)} run(s) an online transform on their input, so "
+                                  f"{pair.source}'s scales cannot pass to their weights; leave out --mlp-scales")
         stats = _channel_stats(self.block, [p.targets[0] for p in active.values()], inputs, kwargs, batch)
         h = self.heads
         for i, pair in active.items():
@@ -209,20 +198,22 @@ class BlockCalibration(nn.Module):
                 q.bias.copy_(weights[f"{name}.bias"])
         for h in self._hooks:
             h.remove()
-        online = []
         for i, pair in enumerate(self.pairs):
             t = self.transforms[str(i)] if str(i) in self.transforms else None
             if t is None or pair.kind != "norm":
                 continue
             norm = self.block.get_submodule(pair.source)
-            if t.is_diagonal:
+            existing = online_op(norm)
+            if existing is not None:  # a rotation already follows the norm: T composes into that op
+                attach_online(norm, existing.followed_by(t.inverse(), t.shift))
+            elif t.is_diagonal:
                 w, b = t.producer_norm(norm.weight, getattr(norm, "bias", None))
                 norm.weight.copy_(w)
                 if b is not None:
                     norm.bias.copy_(b)
             else:
                 attach_online(norm, OnlineTransform(t.inverse(), t.shift))
-                online.append(pair.source)
+        online = [name for name, module in self.block.named_modules() if online_op(module) is not None]
         if bake:
             for q in self.linears.values():
                 q.bake_weight()

@@ -17,8 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
-
-ONLINE = "lowbit_online"
+from lowbit.transforms.online import ONLINE
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -71,7 +70,7 @@ class BlockCheckpoints:
 
     def restore(self, b: int, calib, saved: tuple[dict, dict]):
         """Put a saved block back into ``calib.block`` exactly as it was merged."""
-        from lowbit.ptq.block import OnlineTransform, attach_online
+        from lowbit.transforms.online import OnlineTransform, attach_online
         from lowbit.ptq.engine import BlockLog
 
         tensors, meta = saved

@@ -7,6 +7,7 @@ from torch import nn
 from lowbit.models.base import Adapter
 from lowbit.quant.fake_quant import QuantLinear
 from lowbit.quant.quantizer import QuantSpec
+from lowbit.transforms.online import carry_online
 
 
 def wrap_linears(
@@ -29,6 +30,7 @@ def wrap_linears(
             wrapped.append(lin)
             continue
         qlin = QuantLinear(lin, weight_spec, act_spec, name=f"layer {b} {name}")
+        carry_online(lin, qlin)  # a rotation of its input (lowbit.transforms.rotation) keeps running
         parent_name, _, attr = name.rpartition(".")
         setattr(blocks[b].get_submodule(parent_name) if parent_name else blocks[b], attr, qlin)
         wrapped.append(qlin)

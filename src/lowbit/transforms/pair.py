@@ -82,6 +82,9 @@ class PairTransform(nn.Module):
         return self.diag().view(-1, self.block, 1) * self._relative()
 
     def inverse(self) -> torch.Tensor:
+        """``T⁻¹`` as (blocks, block, block); a diagonal ``T`` as ``dim`` blocks of 1 × 1."""
+        if self.offdiag is None:
+            return (1.0 / self.diag()).view(-1, 1, 1)
         t = self.effective()
         # inv_ex: no error check, hence no host sync (the dominance check guarantees invertibility)
         return torch.linalg.inv_ex(t.double())[0].to(t.dtype)
