@@ -95,8 +95,8 @@ class QuantConfig:
         if self.rotate not in (None, *ROTATIONS):
             raise LowbitError(f"--rotate must be one of {', '.join(ROTATIONS)}, got {self.rotate!r}")
         if self.rotate == "inputs" and self.mlp_scales:
-            raise LowbitError("--mlp-scales scale down_proj's input, which --rotate inputs rotates online (a scale "
-                              "before a rotation changes nothing it quantizes); drop one of them")
+            raise LowbitError("--mlp-scales fold a scale into down_proj's weight, but --rotate inputs runs a rotation "
+                              "on its input in between, so the fold would not be exact; drop one of them")
         if self.scale_init is not None and self.method not in SCALE_LEARNING_METHODS:
             raise LowbitError(f"--scale-init applies to the methods that learn scales (omniquant, affinequant), "
                               f"not {self.method}; drop it")

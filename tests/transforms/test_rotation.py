@@ -27,6 +27,15 @@ def _logits(model, ids):
         return model(ids).logits
 
 
+def _rotated_rtn(tiny_model_dir, **bits):
+    """A tiny Llama quantized by RTN after ``--rotate inputs``, a batch of ids and its logits."""
+    loaded = load_model(tiny_model_dir("llama"))
+    config = QuantConfig(method="rtn", rotate="inputs", **bits)
+    quantize(loaded, config)
+    ids = torch.randint(0, 384, (1, 16))
+    return loaded, config, ids, _logits(loaded.model, ids)
+
+
 @pytest.mark.parametrize("where,arch", [("inputs", "llama"), ("inputs", "qwen2"), ("inputs", "opt"),
                                         ("residual", "llama"), ("residual", "mistral"), ("residual", "qwen2")])
 def test_rotation_keeps_logits(where, arch):
@@ -167,3 +176,55 @@ def test_a_rotated_calibration_resumes_itself_not_an_unrotated_one(tmp_path, tin
     torch.testing.assert_close(_logits(resumed.model, ids), _logits(first.model, ids), atol=0, rtol=0)
     with pytest.raises(LowbitError, match="another configuration"):
         quantize(load_model(tiny_model_dir("llama")), QuantConfig(**base), checkpoint_dir=str(ckpt), progress=False)
+
+
+def test_rotated_w4a4_packs_and_reloads_with_its_online_ops(tmp_path, tiny_model_dir):
+    from lowbit import load_quantized, save_packed
+
+    loaded, config, ids, expected = _rotated_rtn(tiny_model_dir, wbits=4, abits=4)
+    out = save_packed(loaded, config, tmp_path / "packed", dtype=torch.float32)
+    meta = json.loads((out / "quantization.json").read_text())
+    assert any(name.endswith("mlp.down_proj") for name in meta["online_ops"])
+    again = load_quantized(out, dtype="float32")
+    torch.testing.assert_close(_logits(again.model, ids), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_swapping_linears_in_place_keeps_the_input_rotation(tiny_model_dir):
+    """lowbit bench packs a fake-quant output in place and builds its float twin: both keep down_proj's rotation."""
+    import copy
+
+    from lowbit.export.inplace import pack_quantized, to_float_linears
+
+    loaded, config, ids, expected = _rotated_rtn(tiny_model_dir, wbits=4)
+    packed, twin = copy.deepcopy(loaded.model), copy.deepcopy(loaded.model)
+    pack_quantized(packed, config)
+    to_float_linears(twin, torch.float32)
+    for model in (packed, twin):
+        assert online_op(model.model.layers[0].mlp.down_proj) is not None
+        torch.testing.assert_close(_logits(model, ids), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_restoring_a_checkpointed_block_runs_only_the_ops_it_saved():
+    from dataclasses import asdict
+
+    from lowbit.ptq.checkpoint import BlockCheckpoints
+    from lowbit.ptq.engine import BlockLog
+
+    model = make_tiny_model("llama")
+    adapter = adapter_for("llama")
+    rotate(model, adapter, "inputs")  # ops on the norms and down_proj of the fresh block
+    block = adapter.blocks(model)[0]
+    calib = BlockCalibration(block, adapter, adapter.heads(model.config), TransformPlan(), None, None)
+    saved = {k: v.clone() for k, v in block.state_dict().items()}
+    saved["input_layernorm.lowbit_online.inverse"] = online_op(block.input_layernorm).inverse.clone()
+    BlockCheckpoints(None, {}).restore(0, calib, (saved, asdict(BlockLog(0, 0.0, 0.0, online_ops=["input_layernorm"]))))
+    assert online_op(block.input_layernorm) is not None
+    assert online_op(block.post_attention_layernorm) is None and online_op(block.mlp.down_proj) is None
+
+
+@pytest.mark.gpu
+def test_a_rotated_output_runs_on_the_gpu_after_loading(tmp_path, tiny_model_dir):
+    loaded, config, ids, expected = _rotated_rtn(tiny_model_dir, wbits=4, abits=8)
+    out = save_quantized(loaded, config, tmp_path / "q", save_dtype=torch.float32)
+    again = load_model(out, dtype="float32", device="cuda")
+    torch.testing.assert_close(_logits(again.model, ids.cuda()).cpu(), expected, atol=1e-3, rtol=1e-3)

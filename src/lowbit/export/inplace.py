@@ -49,7 +49,11 @@ def packed_linear(codes, bias: torch.Tensor | None, act_bits: int | None = None,
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted ``name`` inside ``model``."""
+    """Put ``module`` at the dotted ``name`` inside ``model``; an online op the old one ran on its input (a
+    rotation of down_proj's input, ``--rotate inputs``) runs on the new one."""
+    from lowbit.transforms.online import carry_online
+
+    carry_online(model.get_submodule(name), module)
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, module)
 

@@ -2,8 +2,8 @@
 quantized linear's codes, moving zero points into a format's range, int32 packing, and writing the directory.
 
 Both formats hold 4-bit weights only: W4A4 / W6A6 (quantized activations) and the online transforms of
-``--norm-matrices`` cannot be expressed in them and no tool that reads them would run those, so such results are
-refused here with one line pointing to lowbit's own packed format (``lowbit export --format lowbit``).
+``--norm-matrices`` and ``--rotate inputs`` cannot be expressed in them and no tool that reads them would run
+those, so such results are refused here with one line pointing to lowbit's own packed format (``lowbit export --format lowbit``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def check_w4a16(loaded, config, fmt: str) -> None:
             "runs only in lowbit's format: use --format lowbit"
         )
     if online_tensors(loaded.model):
-        raise LowbitError(f"this model keeps online transforms (--norm-matrices), which {fmt} cannot express; "
+        raise LowbitError(f"this model keeps online transforms (--norm-matrices, --rotate inputs), which {fmt} cannot express; "
                           "use --format lowbit")
 
 

@@ -43,7 +43,7 @@ class LoadedModel:
     quant_config: object | None = None  # the QuantConfig of a directory written by ``lowbit quantize``
     calibration_log: list | None = None  # per-block log of a calibrating method
     calibration_plan: object | None = None  # the TransformPlan a calibrating method ran (recipe defaults resolved)
-    rotation: object | None = None  # the RotationReport of a residual rotation quantize() merged (config.rotate)
+    rotation: object | None = None  # the RotationReport of the rotation quantize() applied (config.rotate)
 
 
 def default_model_path() -> Path:

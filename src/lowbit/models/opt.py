@@ -17,7 +17,5 @@ OPT = Adapter(
         LinearPair("linear", "fc1", ("fc2",), elementwise=True, requires=("activation_function", ("relu",))),
     ),
     rope=False,
-    embed_path="model.decoder.embed_tokens",
-    residual_writers=("self_attn.out_proj", "fc2"),
-    rms_norm=False,  # LayerNorm subtracts the mean: a rotation of the residual would not pass it
+    rms_norm=False,  # LayerNorm subtracts the mean: a rotation of the residual would not pass it (inputs only)
 )

@@ -100,7 +100,7 @@ def save_quantized(
         online = _save_online(loaded.model, tmp)
         if online:
             meta["online_ops"] = online
-            meta["note"] = ("online transforms (full affine matrices after norms) are in online_transforms.safetensors; "
+            meta["note"] = ("online transforms (--norm-matrices, --rotate inputs) are in online_transforms.safetensors; "
                             "load this directory with lowbit.load_model, plain transformers would ignore them")
         if getattr(loaded, "calibration_log", None):
             from lowbit.ptq.engine import write_log

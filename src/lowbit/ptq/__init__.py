@@ -36,7 +36,7 @@ def quantize(loaded: LoadedModel, config: QuantConfig, device: str | None = None
                 config.weight_spec.check_width(lin.in_features, what=name)
     if config.rotate:
         loaded.rotation = rotate(loaded.model, loaded.adapter, config.rotate, seed=config.seed)
-        log.info("rotated the residual stream: %s", loaded.rotation.to_dict())
+        log.info("rotated before quantizing: %s", loaded.rotation.to_dict())
     if config.method == "rtn":
         quantize_rtn(loaded, config)
         return loaded

@@ -70,12 +70,15 @@ class BlockCheckpoints:
 
     def restore(self, b: int, calib, saved: tuple[dict, dict]):
         """Put a saved block back into ``calib.block`` exactly as it was merged."""
-        from lowbit.transforms.online import OnlineTransform, attach_online
+        from lowbit.transforms.online import OnlineTransform, attach_online, detach_online
         from lowbit.ptq.engine import BlockLog
 
         tensors, meta = saved
         for q in calib.linears.values():
             q.weight_spec, q.weight_clip = None, None
+        for name, module in calib.block.named_modules():  # the saved block is the whole truth: no other op runs
+            if name not in meta["online_ops"]:
+                detach_online(module)
         for norm_name in meta["online_ops"]:
             shift = tensors.pop(f"{norm_name}.{ONLINE}.shift", None)
             attach_online(calib.block.get_submodule(norm_name), OnlineTransform(tensors.pop(f"{norm_name}.{ONLINE}.inverse"), shift))

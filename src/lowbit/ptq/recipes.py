@@ -54,7 +54,7 @@ def default_mlp_scales(config: QuantConfig) -> bool:
     23.36 -> 22.75, W4A4 63.66 -> 56.45; OmniQuant given them too, W6A6 23.63 -> 22.83, W4A4 73.12 -> 59.14."""
     if config.mlp_scales is not None:
         return config.mlp_scales
-    # after --rotate inputs down_proj's input is rotated online: a diagonal before it has nothing left to do
+    # after --rotate inputs a rotation runs on down_proj's input, between the scale and the weight it folds into
     return config.method == "affinequant" and config.abits < 16 and config.rotate != "inputs"
 
 

@@ -2,7 +2,7 @@
 
 A rotation ``Q`` of a model's residual stream is merged into the weights offline, so it need not be fast, only
 orthogonal; a Hadamard matrix (every entry ``±1/√n``) spreads each coordinate evenly over all others, which is
-what flattens activation outliers (QuaRot). Widths such as SmolLM2's 576 = 72·8 and 1536 = 12·128 are not powers
+what flattens activation outliers (QuaRot). Widths such as SmolLM2's 576 = 72·8 and 1536 = 384·4 are not powers
 of two, so besides Sylvester's construction this module has Paley's: for a prime ``q ≡ 3 (mod 4)`` it gives a
 Hadamard matrix of order ``q + 1``, and ``H_p ⊗ H_{2^k}`` covers ``n = p·2^k``. Orders neither reaches get a
 Haar-random orthogonal matrix (QR of a seeded Gaussian). This module knows nothing of models.

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 ONLINE = "lowbit_online"  # the attribute (and state-dict prefix) an online op lives under
+_HOOKED = "_lowbit_online_hooked"  # set once the module's hook is registered, so an op never runs twice
 
 
 def _dense(blocks: torch.Tensor) -> torch.Tensor:
@@ -30,10 +31,11 @@ class OnlineTransform(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shift is not None:
-            x = x - self.shift.to(x.dtype)
+            x = x - self.shift.to(x.device, x.dtype)
         shape = x.shape
         n, b, _ = self.inverse.shape
-        return torch.einsum("...ni,nij->...nj", x.reshape(*shape[:-1], n, b), self.inverse.to(x.dtype)).reshape(shape)
+        inverse = self.inverse.to(x.device, x.dtype)  # a no-op once attach_online moved it to its module's device
+        return torch.einsum("...ni,nij->...nj", x.reshape(*shape[:-1], n, b), inverse).reshape(shape)
 
     def followed_by(self, inverse: torch.Tensor, shift: torch.Tensor | None) -> OnlineTransform:
         """One op equal to this one followed by ``(y - δ₂) A₂``: ``(x - δ₁ - δ₂ A₁⁻¹) A₁ A₂`` (float64 products)."""
@@ -48,24 +50,41 @@ class OnlineTransform(nn.Module):
 
 
 def _run_on_output(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
-    return getattr(module, ONLINE)(out)
+    op = getattr(module, ONLINE, None)
+    return out if op is None else op(out)
 
 
 def _run_on_input(module: nn.Module, args):
-    return (getattr(module, ONLINE)(args[0]), *args[1:])
+    op = getattr(module, ONLINE, None)
+    return None if op is None else (op(args[0]), *args[1:])
+
+
+def _device(module: nn.Module) -> torch.device | None:
+    tensor = next(iter(module.parameters(recurse=False)), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers(recurse=False)), None)
+    return None if tensor is None else tensor.device
 
 
 def attach_online(module: nn.Module, op: OnlineTransform) -> None:
     """Run ``op`` from now on, on a linear's input or on any other module's output (kept as
-    ``module.lowbit_online``, so it is saved); an op already there is replaced, never run twice."""
-    had = isinstance(getattr(module, ONLINE, None), OnlineTransform)
-    setattr(module, ONLINE, op)
-    if had:
+    ``module.lowbit_online``, so it is saved, and moved to the module's device); an op already there is replaced,
+    never run twice."""
+    device = _device(module)
+    setattr(module, ONLINE, op if device is None else op.to(device))
+    if getattr(module, _HOOKED, False):
         return
     if hasattr(module, "in_features"):
         module.register_forward_pre_hook(_run_on_input)
     else:
         module.register_forward_hook(_run_on_output)
+    setattr(module, _HOOKED, True)
+
+
+def detach_online(module: nn.Module) -> None:
+    """Stop running ``module``'s online op (its hook stays, passing inputs through)."""
+    if online_op(module) is not None:
+        setattr(module, ONLINE, None)
 
 
 def online_op(module: nn.Module) -> OnlineTransform | None:

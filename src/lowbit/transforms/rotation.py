@@ -7,14 +7,16 @@ Two placements, both exact (the model computes the same function before quantiza
   rotation of its own width, as QuaRot does with an online Hadamard. The residual stream and its writers keep
   their weights. Each online op is a saved ``OnlineTransform`` (dense for now: an extra ``width²`` product per
   norm and ``inner²`` per MLP at inference); calibrated transforms at the norms compose into it. MLP scales
-  (``mlp_scales``) have nothing left to do once down_proj's input is rotated, so that pair is left alone.
+  (``mlp_scales``) would fold into down_proj's weight across the rotation on its input, which is not exact, so
+  that pair is left alone.
 - ``residual``: QuaRot's offline rotation. Every residual vector becomes ``x Q``: embedding rows, writers
   (``W ← Qᵀ W``, ``b ← Qᵀ b``), and, once each norm's gain is folded into its readers (RMSNorm then passes ``Q``,
   as it keeps norms), readers and head take ``W ← W Q``. Nothing runs online; a tied head is untied.
 
-On SmolLM2 (RTN, 8 WikiText-2 windows, FP 19.13, BENCHMARKS.md) ``inputs`` wins wherever activations are
-quantized: W6A6 24.13 → 19.74 (the norms' rotations alone 21.12, ``residual`` 21.71), W4A4 1562 → 60.7 (167,
-698). Both cost weight-only RTN (W4A16 33.0 → 34.7, ``residual`` 70.9): rotations are for quantized activations.
+On SmolLM2 (full WikiText-2 test, H100, BENCHMARKS.md) ``inputs`` wins wherever activations are quantized:
+RTN W6A6 27.50 → 22.41 (``residual`` 24.94), W4A4 1651.8 → 73.7 (517.0); AffineQuant at the paper recipe W6A6
+22.75 → 22.20, W4A4 56.45 → 35.04. Both cost weight-only RTN (W4A16 38.94 → 42.09, ``residual`` 70.86):
+rotations are for quantized activations, hence opt-in.
 """
 
 from __future__ import annotations
@@ -122,6 +124,9 @@ def _untie_head(model: nn.Module, head: nn.Linear, embed: nn.Embedding) -> bool:
 def rotate_residual(model: nn.Module, adapter: Adapter, seed: int = 0) -> RotationReport:
     """Rotate ``model``'s residual stream in place (float64 arithmetic, weights keep their dtype)."""
     check_rotatable(adapter, "residual")
+    if any(online_op(m) is not None for m in model.modules()):
+        raise LowbitError("this model already runs transforms online (was it quantized before?); rotate the "
+                          "original model")
     embed = model.get_submodule(adapter.embed_path)
     head = model.get_submodule(adapter.lm_head_path)
     width = embed.weight.shape[1]
