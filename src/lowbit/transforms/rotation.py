@@ -69,6 +69,13 @@ def _norms_and_readers(model: nn.Module, adapter: Adapter):
             yield block.get_submodule(pair.source), [block.get_submodule(t) for t in pair.targets]
 
 
+def _refuse_online_ops(model: nn.Module) -> None:
+    """Checked before anything changes: a rotation assumes nothing runs between a norm and its readers."""
+    if any(online_op(m) is not None for m in model.modules()):
+        raise LowbitError("this model already runs transforms online (was it quantized before?); rotate the "
+                          "original model")
+
+
 def inner_linears(adapter: Adapter) -> tuple[str, ...]:
     """The linears whose input is an elementwise product no weight can absorb a rotation into (down_proj, fc2)."""
     return tuple(t for p in adapter.pairs if p.elementwise for t in p.targets)
@@ -79,6 +86,7 @@ def rotate_inputs(model: nn.Module, adapter: Adapter, seed: int = 0) -> Rotation
     """Rotate online every norm pair's input and the MLP's inner input, merging ``Q`` into the linears that read
     them, in place. The inner width takes its own rotation (seed + 1)."""
     check_rotatable(adapter, "inputs")
+    _refuse_online_ops(model)
     width = model.config.hidden_size
     outer = random_rotation(width, seed)
     inner = {}
@@ -91,9 +99,6 @@ def rotate_inputs(model: nn.Module, adapter: Adapter, seed: int = 0) -> Rotation
                 inner[linear.in_features] = random_rotation(linear.in_features, seed + 1)
             sites.append((linear, [linear], inner[linear.in_features]))
         for module, readers, rotation in sites:
-            if online_op(module) is not None:
-                raise LowbitError("this model already runs transforms online (was it quantized before?); "
-                                  "rotate the original model")
             q = rotation.matrix.to(readers[0].weight.device)
             attach_online(module, OnlineTransform(q.float()[None], None))
             for reader in readers:
@@ -124,9 +129,7 @@ def _untie_head(model: nn.Module, head: nn.Linear, embed: nn.Embedding) -> bool:
 def rotate_residual(model: nn.Module, adapter: Adapter, seed: int = 0) -> RotationReport:
     """Rotate ``model``'s residual stream in place (float64 arithmetic, weights keep their dtype)."""
     check_rotatable(adapter, "residual")
-    if any(online_op(m) is not None for m in model.modules()):
-        raise LowbitError("this model already runs transforms online (was it quantized before?); rotate the "
-                          "original model")
+    _refuse_online_ops(model)
     embed = model.get_submodule(adapter.embed_path)
     head = model.get_submodule(adapter.lm_head_path)
     width = embed.weight.shape[1]
