@@ -17,7 +17,7 @@ from lowbit.ptq.engine import CalibOptions, calibrate
 from lowbit.ptq.recipes import default_epochs, default_let_lr, plan_for_model
 from lowbit.ptq.rtn import quantize_rtn
 from lowbit.ptq.wrap import wrap_linears
-from lowbit.transforms.rotation import check_rotatable, rotate
+from lowbit.transforms.rotation import rotate
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +28,11 @@ def quantize(loaded: LoadedModel, config: QuantConfig, device: str | None = None
     any, is in ``loaded.calibration_log``). ``tf32`` picks TF32 (True) or full float32 (False) calibration matmuls,
     restoring the process-wide precision afterwards; ``None`` leaves that process-wide switch alone, which callers
     running several calibrations in threads need (they set it once, before and after all of them)."""
-    if config.rotate:
-        check_rotatable(loaded.adapter, config.rotate)
     if config.weight_spec is not None:  # refuse a bad group size before any work
         for block in loaded.adapter.blocks(loaded.model):
             for name, lin in loaded.adapter.block_linears(block).items():
                 config.weight_spec.check_width(lin.in_features, what=name)
-    if config.rotate:
+    if config.rotate:  # refuses an unsupported model before changing anything
         loaded.rotation = rotate(loaded.model, loaded.adapter, config.rotate, seed=config.seed)
         log.info("rotated before quantizing: %s", loaded.rotation.to_dict())
     if config.method == "rtn":

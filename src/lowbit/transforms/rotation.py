@@ -153,6 +153,6 @@ def rotate_residual(model: nn.Module, adapter: Adapter, seed: int = 0) -> Rotati
 
 
 def rotate(model: nn.Module, adapter: Adapter, where: str, seed: int = 0) -> RotationReport:
-    """``rotate_inputs`` or ``rotate_residual``, by name."""
-    check_rotatable(adapter, where)
+    """``rotate_inputs`` or ``rotate_residual``, by name (each checks the model before changing it)."""
+    check_rotatable(adapter, where)  # an unknown name, before dispatching on it
     return (rotate_inputs if where == "inputs" else rotate_residual)(model, adapter, seed)
