@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import re
 import sys
 import threading
@@ -32,9 +33,32 @@ from lowbit.ptq.recipes import default_epochs, default_let_lr
 from lowbit.report import eval_and_record, print_markdown, write_json
 
 
+def _flag(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise SystemExit(f"expected true or false, got {text!r}")
+    return text == "true"
+
+
+# options one run may set for itself (``affinequant:W4A4@rotate=inputs``), over the command's flags
+RUN_OPTIONS = {"rotate": str, "weight_lr": float, "let_lr": float, "epochs": int, "scale_init": str,
+               "norm_matrices": _flag, "mlp_scales": _flag}
+
+
 def parse_run(text: str, args) -> QuantConfig:
     """``METHOD:W4A16g64``; ``METHOD+gptq:...`` rounds the calibrated weights by GPTQ (``gptq:...`` alone: GPTQ
-    without transforms). GPTQ settings come from ``--gptq-grid`` / ``--gptq-act-order`` where ``args`` has them."""
+    without transforms). GPTQ settings come from ``--gptq-grid`` / ``--gptq-act-order`` where ``args`` has them.
+    ``@key=value`` suffixes set one of ``RUN_OPTIONS`` for this run only (``affinequant:W4A16@weight_lr=1e-4``)."""
+    text, *options = text.split("@")
+    overrides = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in RUN_OPTIONS or not value:
+            raise SystemExit(f"bad run option {option!r}; expected KEY=VALUE with KEY one of {', '.join(RUN_OPTIONS)}")
+        overrides[key] = RUN_OPTIONS[key](value)
+    return dataclasses.replace(_parse_config(text, args), **overrides)
+
+
+def _parse_config(text: str, args) -> QuantConfig:
     label, _, name = text.partition(":")
     method, _, rounding = label.partition("+")
     m = re.fullmatch(r"W(\d+)A(\d+)(?:g(\d+))?", name)
@@ -46,8 +70,9 @@ def parse_run(text: str, args) -> QuantConfig:
                        gptq_act_order=getattr(args, "gptq_act_order", True),
                        scale_init=getattr(args, "scale_init", None) if method in SCALE_LEARNING_METHODS else None,
                        let_lr=getattr(args, "let_lr", None), mlp_scales=getattr(args, "mlp_scales", None),
-                       norm_matrices=getattr(args, "norm_matrices", False) and method == "affinequant",
-                       rotate=getattr(args, "rotate", None))
+                       norm_matrices=getattr(args, "norm_matrices", None) if method == "affinequant" else None,
+                       rotate=getattr(args, "rotate", None),
+                       weight_lr=getattr(args, "weight_lr", 0.0) if method in SCALE_LEARNING_METHODS else 0.0)
 
 
 def _learning(config: QuantConfig, plan) -> dict:
@@ -55,7 +80,7 @@ def _learning(config: QuantConfig, plan) -> dict:
     if config.method == "rtn":
         return {}
     return {"let_lr": default_let_lr(config), "lwc_lr": config.lwc_lr, "scale_init": plan.scale_init,
-            "mlp_scales": plan.mlp_scales, "norm_matrices": plan.norm_matrices}
+            "mlp_scales": plan.mlp_scales, "norm_matrices": plan.norm_matrices, "weight_lr": config.weight_lr}
 
 
 @dataclass
@@ -120,7 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--runs", required=True)
+    p.add_argument("--runs", required=True,
+                   help="comma-separated METHOD:CONFIG, e.g. rtn:W4A4,affinequant:W4A16g64; METHOD+gptq rounds by GPTQ; "
+                        "@KEY=VALUE sets an option for one run (affinequant:W4A4@rotate=inputs)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--epochs", type=int, default=None)
@@ -138,8 +165,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="per-block checkpoints (one subfolder per run): a killed run resumes where it stopped")
     p.add_argument("--scale-init", default=None, choices=SCALE_INITS,
                    help="start of the learnt scales of the omniquant / affinequant runs (default: the recipe's)")
-    p.add_argument("--norm-matrices", action="store_true",
-                   help="affinequant runs: full matrices at the norms, kept as online ops (other methods ignore it)")
+    p.add_argument("--norm-matrices", action=argparse.BooleanOptionalAction, default=None,
+                   help="affinequant runs: full matrices at the norms, kept as online ops (default: the recipe's; "
+                        "other methods ignore it)")
+    p.add_argument("--weight-lr", type=float, default=0.0,
+                   help="omniquant / affinequant runs: the weights learn too, at this rate (Block-AP; default 0)")
     p.add_argument("--mlp-scales", action=argparse.BooleanOptionalAction, default=None,
                    help="diagonal scales on the MLP's inner pair, up_proj → down_proj (default: the recipe's, on for "
                         "affinequant with activation bits; --no-mlp-scales runs every method as in the papers)")

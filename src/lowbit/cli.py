@@ -127,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "affinequant with activation bits, off otherwise (--no-mlp-scales: as in the papers)")
     c.add_argument("--sf", type=float, default=None, help="AffineQuant stability factor (default 0.1 with activation quantization, else 0.01)")
     c.add_argument("--aug-loss", action="store_true", help="also match the FP block on the quantized inputs")
-    c.add_argument("--norm-matrices", action="store_true", help="AffineQuant: full matrices after the norms (kept as online ops)")
+    c.add_argument("--norm-matrices", action=argparse.BooleanOptionalAction, default=None,
+                   help="AffineQuant: full matrices after the norms, kept as online ops (default: on after --rotate "
+                        "inputs with activation bits, where they compose into the rotation for free; off otherwise)")
+    c.add_argument("--weight-lr", type=float, default=0.0,
+                   help="omniquant / affinequant: the weights learn too, at this rate, through the rounding, beside the "
+                        "transforms and clipping (EfficientQAT's Block-AP; default 0: weights as loaded, as the papers)")
     q.add_argument("--rotate", default=None, choices=ROTATIONS,
                    help="rotate by a seeded Hadamard matrix before quantizing: inputs (each norm's output, online, "
                         "merged into the linears reading it) or residual (QuaRot's offline rotation of the residual "
@@ -194,7 +199,7 @@ def _run_quantize(args) -> int:
                          epochs=args.epochs, batch_size=args.calib_batch_size, let_lr=args.let_lr, lwc_lr=args.lwc_lr,
                          alpha=args.alpha, sf=args.sf, scale_init=args.scale_init, mlp_scales=args.mlp_scales,
                          aug_loss=args.aug_loss,
-                         norm_matrices=args.norm_matrices, rotate=args.rotate,
+                         norm_matrices=args.norm_matrices, rotate=args.rotate, weight_lr=args.weight_lr,
                          rounding=args.rounding, gptq_grid=args.gptq_grid, gptq_act_order=args.gptq_act_order)
     config = dataclasses.replace(config, let_lr=default_let_lr(config))  # quantization.json records the rate used
     if args.output.exists() and not args.overwrite:

@@ -21,7 +21,7 @@ ROTATIONS = ("inputs", "residual")  # lowbit.transforms.rotation
 SCALE_LEARNING_METHODS = ("omniquant", "affinequant")  # the methods --scale-init applies to
 # Fields added after the first release: written out only when they differ from their defaults, so the checkpoint
 # manifests of runs started before them still match (resume) and older readers still load plain configs.
-_LATER_FIELDS = ("scale_init", "mlp_scales", "rotate", "rounding", "gptq_grid", "gptq_act_order", "gptq_damp", "gptq_block_size")
+_LATER_FIELDS = ("scale_init", "mlp_scales", "rotate", "weight_lr", "rounding", "gptq_grid", "gptq_act_order", "gptq_damp", "gptq_block_size")
 
 
 def _check_bits(name: str, value: Any) -> None:
@@ -54,7 +54,9 @@ class QuantConfig:
     alpha: float = 0.5
     sf: float | None = None
     aug_loss: bool = False
-    norm_matrices: bool = False
+    # AffineQuant's full matrices at the norms, kept as online ops; None: the recipe's (on after --rotate inputs
+    # with activation bits, where they compose into the rotation's op for free: lowbit.ptq.recipes)
+    norm_matrices: bool | None = None
     # start of the learnt scales: SmoothQuant's amax^alpha / wmax^(1-alpha), or the identity (the weights start
     # as the plain model's, where a LWC-only method starts; shifts keep their own start); None: the recipe's
     scale_init: str | None = None
@@ -64,6 +66,9 @@ class QuantConfig:
     # rotate before quantizing (lowbit.transforms.rotation): "inputs" (each norm's output, online, merged into its
     # readers) or "residual" (QuaRot's offline rotation of the residual stream; RMSNorm models); None: no rotation
     rotate: str | None = None
+    # learning rate of the block's weights themselves, trained through the rounding beside the transforms and the
+    # clipping (EfficientQAT's Block-AP; lowbit.ptq.block); 0 keeps the weights as loaded, as the papers do
+    weight_lr: float = 0.0
     # final rounding of the weights: None is the method's own (GPTQ for ``gptq``, round-to-nearest otherwise);
     # "gptq" after a calibrating method rounds its merged weights by GPTQ on the grid it learnt (weight-only)
     rounding: str | None = None
@@ -88,10 +93,16 @@ class QuantConfig:
             raise LowbitError(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.let_lr is not None and not self.let_lr > 0:
             raise LowbitError(f"--let-lr must be positive, got {self.let_lr}")
+        if not self.weight_lr >= 0:
+            raise LowbitError(f"--weight-lr must be 0 (weights stay as loaded) or positive, got {self.weight_lr}")
+        if self.weight_lr and self.method not in SCALE_LEARNING_METHODS:
+            raise LowbitError(f"--weight-lr trains the weights beside a learning method (omniquant, affinequant), "
+                              f"not {self.method}; drop it")
         if self.scale_init not in (None, *SCALE_INITS):
             raise LowbitError(f"--scale-init must be one of {', '.join(SCALE_INITS)}, got {self.scale_init!r}")
-        if self.mlp_scales not in (None, True, False):
-            raise LowbitError(f"mlp_scales must be True, False or None (the recipe's), got {self.mlp_scales!r}")
+        for name in ("mlp_scales", "norm_matrices"):
+            if getattr(self, name) not in (None, True, False):
+                raise LowbitError(f"{name} must be True, False or None (the recipe's), got {getattr(self, name)!r}")
         if self.rotate not in (None, *ROTATIONS):
             raise LowbitError(f"--rotate must be one of {', '.join(ROTATIONS)}, got {self.rotate!r}")
         if self.rotate == "inputs" and self.mlp_scales:
@@ -135,8 +146,9 @@ class QuantConfig:
     @property
     def label(self) -> str:
         """The method as tables name it: ``affinequant+gptq`` when GPTQ rounds after a calibrating method,
-        ``inputs-rotated rtn`` after a rotation."""
-        label = f"{self.method}+gptq" if self.method != "gptq" and self.rounding_method == "gptq" else self.method
+        ``affinequant+weights`` when the weights learn too, ``inputs-rotated rtn`` after a rotation."""
+        label = self.method + ("+weights" if self.weight_lr else "")
+        label += "+gptq" if self.method != "gptq" and self.rounding_method == "gptq" else ""
         return f"{self.rotate}-rotated {label}" if self.rotate else label
 
     @property

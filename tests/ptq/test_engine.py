@@ -284,3 +284,69 @@ def test_quantize_calibrates_with_the_recipes_rate_and_records_it_in_the_manifes
         manifest = json.loads((tmp_path / str(abits) / "manifest.json").read_text())
         assert manifest["config"]["let_lr"] == manifest["options"]["let_lr"] == {16: 1e-3, 8: 5e-3}[abits]
     assert seen == [1e-3, 1e-3, 5e-3, 5e-3]  # two blocks each
+
+
+def test_learnt_weights_lower_the_block_loss_and_are_merged(tiny_tokenizer):
+    """Block-AP: with ``weight_lr`` the weights learn beside the clipping; the block fits better than with clipping
+    alone, and the merged (rounded) weights carry the learnt offsets."""
+    base = dict(wbits=3, abits=16, group_size=16, epochs=4, nsamples=4)
+    plain, trained = tiny_loaded("llama", tiny_tokenizer), tiny_loaded("llama", tiny_tokenizer)
+    quantize(plain, config("omniquant", **base), progress=False)
+    quantize(trained, config("omniquant", **base, weight_lr=1e-4), progress=False)
+    assert not plain.calibration_plan.weights and trained.calibration_plan.weights
+    for p, t in zip(plain.calibration_log, trained.calibration_log):
+        assert t.epoch_losses[-1] < p.epoch_losses[-1]
+    ids = torch.randint(0, 384, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(logits(plain, ids), logits(trained, ids))
+
+
+def test_weight_offsets_merge_exactly(tiny_tokenizer):
+    """The calibrating forward (offsets added before the transforms) equals the block after merging."""
+    from conftest import randomise_transforms
+
+    from lowbit.ptq.block import BlockCalibration, TransformPlan
+    from lowbit.ptq.capture import capture_block_inputs
+
+    model = make_tiny_model("llama").float()
+    adapter = adapter_for(model.config.model_type)
+    gen = torch.Generator().manual_seed(0)
+    x, kwargs = capture_block_inputs(model, adapter, torch.randint(0, 384, (2, 24), generator=gen), "cpu")
+    block = adapter.blocks(model)[0]
+    calib = BlockCalibration(block, adapter, adapter.heads(model.config),
+                             TransformPlan(scales=True, matrices=True, sf=0.3, weights=True), None, None)
+    calib.init_transforms(x, kwargs, batch=2)
+    randomise_transforms(calib, gen)
+    assert set(calib.learnable()["weights"]) and all(not o.any() for o in calib.learnable()["weights"])
+    with torch.no_grad():
+        for offset in calib.learnable()["weights"]:
+            offset.add_(torch.randn(offset.shape, generator=gen) * 0.05)
+        during = calib(x, kwargs)
+    calib.merge()
+    with torch.no_grad():
+        after = block(x, **kwargs)
+    torch.testing.assert_close(after[0] if isinstance(after, tuple) else after, during, atol=1e-4, rtol=1e-4)
+
+
+def test_weight_lr_is_checked_and_left_out_of_old_manifests(tmp_path, tiny_tokenizer):
+    with pytest.raises(LowbitError, match="--weight-lr must be 0"):
+        config(weight_lr=-1e-5)
+    with pytest.raises(LowbitError, match="not rtn"):
+        config("rtn", weight_lr=1e-5)
+    assert "weight_lr" not in config().to_dict() and config(weight_lr=1e-5).to_dict()["weight_lr"] == 1e-5
+    quantize(tiny_loaded("llama", tiny_tokenizer), config(epochs=1), checkpoint_dir=tmp_path, progress=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert "weight_lr" not in manifest["options"] and "weights" not in manifest["plan"]
+    with pytest.raises(LowbitError, match="weight"):  # a run that trains the weights is another run
+        quantize(tiny_loaded("llama", tiny_tokenizer), config(epochs=1, weight_lr=1e-5), checkpoint_dir=tmp_path,
+                 progress=False)
+
+
+def test_norm_matrices_default_on_only_after_an_input_rotation():
+    from lowbit.ptq.recipes import plan_for
+
+    assert plan_for(config(abits=6, wbits=6, rotate="inputs")).norm_matrices
+    assert not plan_for(config(abits=6, wbits=6)).norm_matrices
+    assert not plan_for(config(abits=6, wbits=6, rotate="inputs", norm_matrices=False)).norm_matrices
+    assert not plan_for(config(abits=16, rotate="inputs")).norm_matrices  # weight-only: no rotation's op to join
+    assert plan_for(config(abits=6, wbits=6, norm_matrices=True)).norm_matrices
+    assert not plan_for(config("omniquant", abits=6, wbits=6, rotate="inputs")).norm_matrices

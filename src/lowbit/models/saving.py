@@ -111,11 +111,14 @@ def save_quantized(
 
 
 def _resolved_config(config, plan) -> dict:
-    """The config as written, with MLP scales the run took by default spelled out (a later default cannot change
-    what the file says); a run without them keeps the plain config, which reloads equal to the one given."""
+    """The config as written, with MLP scales and norm matrices the run took by default spelled out (a later
+    default cannot change what the file says); a run without them keeps the plain config, which reloads equal to
+    the one given."""
     data = config.to_dict()
     if plan is not None and config.mlp_scales is None and plan.mlp_scales:
         data["mlp_scales"] = True
+    if plan is not None and config.norm_matrices is None and plan.norm_matrices:
+        data["norm_matrices"] = True
     return data
 
 

@@ -38,15 +38,21 @@ class TransformPlan:
     sf: float = 1e-2  # AffineQuant stability factor (off-diagonal weight in the gradual mask)
     scale_init: str = "smoothquant"  # or "identity": every transform starts at T = I (shifts keep their init)
     mlp_scales: bool = False  # diagonal scales on the MLP's inner pair (up→down, fc1→fc2), which the papers lack
+    weights: bool = False  # the linears' weights learn too, through the rounding (EfficientQAT's Block-AP)
 
     def to_dict(self) -> dict:
         """The plan as checkpoint manifests record it; fields added later only when they differ from their
         default, so the checkpoints of runs from before they existed still resume."""
         data = asdict(self)
-        for name, default in (("scale_init", "smoothquant"), ("mlp_scales", False)):
+        for name, default in (("scale_init", "smoothquant"), ("mlp_scales", False), ("weights", False)):
             if data[name] == default:
                 del data[name]
         return data
+
+
+def _key(linear_name: str) -> str:
+    """A linear's name as a parameter key (``self_attn.q_proj`` -> ``self_attn-q_proj``: dots are not allowed)."""
+    return linear_name.replace(".", "-")
 
 
 def _channel_stats(block: nn.Module, names: list[str], inputs: torch.Tensor, kwargs: dict, batch: int) -> dict:
@@ -83,6 +89,10 @@ class BlockCalibration(nn.Module):
         self.transforms = nn.ModuleDict()
         self._hooks: list = []
         self.linears = self._wrap(weight_spec, act_spec)
+        # Block-AP: a learnt offset per weight, added before the transforms (so merging bakes it in like them);
+        # an offset rather than the weight itself keeps the stored originals frozen, as the module docstring says
+        self.weight_offsets = nn.ParameterDict({
+            _key(name): nn.Parameter(torch.zeros_like(q.weight)) for name, q in self.linears.items()} if plan.weights else {})
 
     def _wrap(self, weight_spec, act_spec) -> dict[str, QuantLinear]:
         out = {}
@@ -154,7 +164,8 @@ class BlockCalibration(nn.Module):
 
     def transformed_weights(self) -> dict[str, torch.Tensor]:
         """Linear weights and biases with every transform applied (input side, then output side)."""
-        cur = {n: (q.weight, q.bias) for n, q in self.linears.items()}
+        offsets = self.weight_offsets
+        cur = {n: (q.weight + offsets[_key(n)] if offsets else q.weight, q.bias) for n, q in self.linears.items()}
         for i, pair in enumerate(self.pairs):
             t = self.transforms[str(i)] if str(i) in self.transforms else None
             if t is None:
@@ -176,9 +187,9 @@ class BlockCalibration(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
     def learnable(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by optimiser group: ``let`` (transforms) and ``lwc`` (clipping)."""
+        """Parameters by optimiser group: ``let`` (transforms), ``lwc`` (clipping), ``weights`` (weight offsets)."""
         clips = [p for q in self.linears.values() if q.weight_clip is not None for p in q.weight_clip.parameters()]
-        return {"let": list(self.transforms.parameters()), "lwc": clips}
+        return {"let": list(self.transforms.parameters()), "lwc": clips, "weights": list(self.weight_offsets.values())}
 
     def dominance_margin(self) -> float | None:
         margins = [t.dominance_margin() for t in self.transforms.values() if not t.is_diagonal]

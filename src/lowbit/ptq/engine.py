@@ -39,6 +39,7 @@ class CalibOptions:
     batch_size: int = 1
     let_lr: float = 5e-3
     lwc_lr: float = 1e-2
+    weight_lr: float = 0.0  # the weight offsets' (plan.weights); 0 with a plan that trains them is refused
     weight_decay: float = 0.0
     aug_loss: bool = False
     device: str = "cpu"
@@ -103,7 +104,7 @@ def _optimise(calib: BlockCalibration, q_in, targets, aug_targets, kwargs, opts:
     groups = calib.learnable()
     if not any(groups.values()) or opts.epochs == 0:
         return
-    lrs = {"let": opts.let_lr, "lwc": opts.lwc_lr}
+    lrs = {"let": opts.let_lr, "lwc": opts.lwc_lr, "weights": opts.weight_lr}
     generator = torch.Generator().manual_seed(seed)
     n, batch = q_in.shape[0], opts.batch_size
     amp = opts.amp and q_in.device.type == "cuda"
@@ -171,6 +172,9 @@ def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, op
         for pair in adapter.pairs:
             if pair.elementwise:
                 pair.check(model.config)
+    if plan.weights != (opts.weight_lr > 0):
+        raise ValueError(f"a plan that trains the weights needs a positive weight_lr and one that does not needs 0; "
+                         f"got plan.weights={plan.weights} with weight_lr={opts.weight_lr}")
     device = torch.device(opts.device)
     model_dtype = next(model.parameters()).dtype
     model.to("cpu")
@@ -182,8 +186,10 @@ def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, op
     resolved = {k: v for k, v in config.to_dict().items() if k not in ("scale_init", "mlp_scales")}
     if plan.mlp_scales:  # as runs that asked for them before they were a default wrote it
         resolved["mlp_scales"] = True
+    resolved["norm_matrices"] = plan.norm_matrices  # likewise: runs from before its default wrote the bool
     manifest = {"config": {**resolved, "let_lr": opts.let_lr}, "plan": plan.to_dict(), "options": {
-        k: v for k, v in asdict(opts).items() if k not in ("checkpoint_dir", "progress", "device", "cuda_graph", "tf32")}}
+        k: v for k, v in asdict(opts).items() if k not in ("checkpoint_dir", "progress", "device", "cuda_graph", "tf32")
+        and not (k == "weight_lr" and v == 0)}}  # a later option: the manifests of runs from before it still match
     ckpt = BlockCheckpoints(opts.checkpoint_dir, manifest)
     fp_in, kwargs = capture_block_inputs(model, adapter, windows, device)
     kwargs = _to(kwargs, device, torch.float32)

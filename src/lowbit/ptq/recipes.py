@@ -25,15 +25,16 @@ def plan_for(config: QuantConfig) -> TransformPlan:
     if config.method == "smoothquant":
         return TransformPlan(scales=True, alpha=config.alpha, mlp_scales=mlp_scales)
     init = default_scale_init(config)
+    weights = config.weight_lr > 0
     if config.method == "omniquant":  # weight-only: clipping alone, no scales to start anywhere
         return TransformPlan(scales=quant_acts, shifts=quant_acts, lwc=config.wbits < 16, alpha=config.alpha,
                              scale_init=init if quant_acts else "smoothquant",
-                             mlp_scales=quant_acts and mlp_scales)
+                             mlp_scales=quant_acts and mlp_scales, weights=weights)
     if config.method == "affinequant":
         sf = config.sf if config.sf is not None else (0.1 if quant_acts else 1e-2)
-        return TransformPlan(scales=True, shifts=quant_acts, matrices=True, norm_matrices=config.norm_matrices,
+        return TransformPlan(scales=True, shifts=quant_acts, matrices=True, norm_matrices=default_norm_matrices(config),
                              lwc=config.wbits < 16, alpha=config.alpha, sf=sf, scale_init=init,
-                             mlp_scales=mlp_scales)
+                             mlp_scales=mlp_scales, weights=weights)
     raise ValueError(f"{config.method} is not a calibrating method")
 
 
@@ -56,6 +57,16 @@ def default_mlp_scales(config: QuantConfig) -> bool:
         return config.mlp_scales
     # after --rotate inputs a rotation runs on down_proj's input, between the scale and the weight it folds into
     return config.method == "affinequant" and config.abits < 16 and config.rotate != "inputs"
+
+
+def default_norm_matrices(config: QuantConfig) -> bool:
+    """AffineQuant's full matrices at the norms unless ``config.norm_matrices`` says: on after ``--rotate inputs``
+    with activation bits, off otherwise. They stay online ops (a norm cannot absorb a full matrix), which costs a
+    576 x 576 product per norm and token, unless a rotation already runs there: then they compose into its op and
+    cost nothing more. Paper recipe on SmolLM2 (H100, BENCHMARKS.md), W6A6 rotated: without 22.20, with 22.09."""
+    if config.norm_matrices is not None:
+        return config.norm_matrices
+    return config.method == "affinequant" and config.abits < 16 and config.rotate == "inputs"
 
 
 def _affine_weight_only(config: QuantConfig) -> bool:
