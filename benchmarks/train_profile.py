@@ -52,7 +52,7 @@ def lm_tables() -> dict:
         model.train()
         eager = GraphedTrainStep(model, opt, lm_loss, GraphStepConfig(enabled=False))
 
-        def step() -> None:
+        def step(eager=eager, sched=sched) -> None:  # bound at definition: the del below unbinds the names
             eager(random_windows(train_ids, args.batch_size, args.seqlen, gen))
             sched.step()
 

@@ -71,7 +71,7 @@ def bench_case(n, k, m, group, cfg: Config, old) -> dict:
             print(f"  {name}: n/a ({failures[name]})", flush=True)
 
     dense = [weight.dequantize(dtype) for _ in range(copies)]
-    timed("cublas_bf16", lambda: F.linear(x, dense[0]), [lambda d=d: F.linear(x, d) for d in dense])
+    timed("cublas_bf16", lambda d=dense[0]: F.linear(x, d), [lambda d=d: F.linear(x, d) for d in dense])
     del dense
     if old is not None:
         timed("old", lambda: old.w4a16_linear(x, weight), [lambda p=p: old.w4a16_linear(x, p) for p in packed])
@@ -81,12 +81,12 @@ def bench_case(n, k, m, group, cfg: Config, old) -> dict:
     fused = {c: t for c, t in G.tune_log.get(key, {}).items() if c != G.DEQUANT}
     best_fused = min(fused, key=fused.get) if fused else None
     if best_fused is not None and best_fused != chosen:
-        timed("new_fused_best", lambda: G.launch(x, weight, layouts[0], None, best_fused),
+        timed("new_fused_best", lambda lay=layouts[0]: G.launch(x, weight, lay, None, best_fused),
               [lambda p=p, lay=lay: G.launch(x, p, lay, None, best_fused) for p, lay in zip(packed, layouts)])
     elif best_fused is not None:
         times["new_fused_best"], checks["new_fused_best"] = times.get("new"), checks.get("new")
     if m > 64 and chosen != G.DEQUANT:
-        timed("new_dequant_cublas", lambda: G.launch(x, weight, layouts[0], None, G.DEQUANT),
+        timed("new_dequant_cublas", lambda lay=layouts[0]: G.launch(x, weight, lay, None, G.DEQUANT),
               [lambda p=p, lay=lay: G.launch(x, p, lay, None, G.DEQUANT) for p, lay in zip(packed, layouts)])
     elif m > 64:
         times["new_dequant_cublas"], checks["new_dequant_cublas"] = times.get("new"), checks.get("new")

@@ -3,11 +3,8 @@
 import json
 
 import torch
-from conftest import make_tiny_model
 
 from lowbit import QuantConfig, load_model, quantize, save_quantized
-from lowbit.models.loading import LoadedModel
-from lowbit.models.registry import adapter_for
 
 
 def test_online_transforms_are_saved_and_reloaded(tmp_path, tiny_tokenizer, tiny_model_dir):

@@ -144,9 +144,9 @@ def fused_sampling() -> bool:
 def _plan(rows, weight, sq_norms, qx, ratio, generator) -> SamplePlan:
     """The kernel path's sample: fused scores and ordered sample (``sampled_gemm.row_scores`` / ``sample_plan``),
     drawing the same uniforms from ``generator`` as ``sample_rows``; ``qx`` given: grad-weight's (grouped)."""
-    from lowbit.kernels.sampled_gemm import row_scores, sample_plan
-
-    if not fused_sampling():
+    if fused_sampling():
+        from lowbit.kernels.sampled_gemm import row_scores, sample_plan
+    else:
         row_scores, sample_plan = row_scores_reference, sample_plan_reference
     scores, rowmax = row_scores(_sq_norms(rows, sq_norms), weight, qx)
     u = torch.rand(scores.shape[0], generator=generator, device=rows.device) if ratio < 1 else None
