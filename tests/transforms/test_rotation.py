@@ -145,9 +145,33 @@ def test_quantize_with_rotation_saves_and_reloads(tmp_path, tiny_model_dir, wher
     assert meta["config"]["rotate"] == where and meta["rotation"]["where"] == where
     assert bool(meta.get("online_ops")) == (where == "inputs")
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is (where == "inputs")
+    if where == "inputs":  # every block's down_proj rotation is the same matrix: written once
+        _check_shared_once(meta, out / "online_transforms.safetensors")
     again = load_model(out)
     assert again.quant_config.rotate == where and again.quant_config.label == f"{where}-rotated omniquant"
     torch.testing.assert_close(_logits(again.model, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def _check_shared_once(meta: dict, path):
+    from safetensors import safe_open
+
+    down = [f"model.layers.{b}.mlp.down_proj.lowbit_online.inverse" for b in (0, 1)]
+    assert meta["shared_online"][down[1]] == down[0] and meta["format_version"] == 2  # (RTN's norm ops too)
+    with safe_open(str(path), framework="pt") as handle:
+        assert down[0] in handle.keys() and down[1] not in handle.keys()
+
+
+def test_equal_online_tensors_are_stored_once_and_a_bad_map_is_refused():
+    from lowbit.ptq.checkpoint import stored_once, with_shared
+
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    tensors = {"x": a, "y": a.clone(), "z": b, "w": a[:2].clone()}
+    unique, shared = stored_once(tensors)
+    assert set(unique) == {"w", "x", "z"} and shared == {"y": "x"}
+    assert all(torch.equal(t, tensors[k]) for k, t in with_shared(unique, shared, "f").items())
+    for bad in ({"y": "missing"}, {"x": "z"}, ["y"]):
+        with pytest.raises(LowbitError, match="corrupt"):
+            with_shared(unique, bad, "quantization.json")
 
 
 def test_rotation_config_and_refusals(tiny_model_dir):
@@ -185,6 +209,7 @@ def test_rotated_w4a4_packs_and_reloads_with_its_online_ops(tmp_path, tiny_model
     out = save_packed(loaded, config, tmp_path / "packed", dtype=torch.float32)
     meta = json.loads((out / "quantization.json").read_text())
     assert any(name.endswith("mlp.down_proj") for name in meta["online_ops"])
+    _check_shared_once(meta, out / "model.safetensors")
     again = load_quantized(out, dtype="float32")
     torch.testing.assert_close(_logits(again.model, ids), expected, atol=1e-4, rtol=1e-4)
 

@@ -119,7 +119,9 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     adapter = adapter_for(model.config.model_type)
     adapter.validate(model)
     path = directory / WEIGHTS_FILE
-    tensors = _open_tensors(path)
+    from lowbit.ptq.checkpoint import with_shared
+
+    tensors = with_shared(_open_tensors(path), meta.get("shared_online", {}), str(directory / QUANT_FILE))
 
     # what the config implies the file must hold
     layers = [f"{adapter.blocks_path}.{b}.{n}" for b in range(len(adapter.blocks(model))) for n in adapter.linears]

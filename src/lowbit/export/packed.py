@@ -28,11 +28,12 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.codes import iter_quantized_linears
-from lowbit.models.saving import atomic_output
+from lowbit.models.saving import atomic_output, resolved_config
 from lowbit.quant.packing import pack
 
 FORMAT = "lowbit-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the highest this lowbit reads; 2 adds shared_online
+SHARED_ONLINE_VERSION = 2  # written only by files that share online tensors: the rest stay readable by 1
 WEIGHTS_FILE = "model.safetensors"
 QUANT_FILE = "quantization.json"
 PACKED_SUFFIXES = ("qweight", "scales", "zeros")
@@ -80,13 +81,13 @@ def float_tensors(model: nn.Module, skip: set[str], dtype: torch.dtype) -> tuple
 def _metadata(loaded, config, layers: list[str], online: list[str], tied: dict[str, str], dtype: torch.dtype) -> dict:
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,  # SHARED_ONLINE_VERSION only when online tensors are shared (below)
         "lowbit_version": lowbit_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source_model": loaded.source,
         "method": config.method,
         "config_name": config.name,
-        "config": config.to_dict(),
+        "config": resolved_config(config, loaded.calibration_plan),
         "weights": {
             "bits": config.wbits,
             "group_size": config.group_size,  # null: one scale per output channel
@@ -110,7 +111,7 @@ def save_packed(loaded, config, output: str | Path, overwrite: bool = False,
 
     ``dtype`` is the storage type of the tensors that stay floating point (float16, bfloat16 or float32).
     """
-    from lowbit.ptq.checkpoint import online_tensors
+    from lowbit.ptq.checkpoint import online_tensors, stored_once
 
     output = Path(output).expanduser()
     if output.exists() and not overwrite:
@@ -127,8 +128,12 @@ def save_packed(loaded, config, output: str | Path, overwrite: bool = False,
     rest, tied = float_tensors(model, skip, dtype)
     online = online_tensors(model)
     online_ops = sorted({k.rsplit(".", 2)[0] for k in online})
+    online, shared = stored_once(online)  # an input rotation repeats one matrix in every block
     tensors = {**rest, **packed, **online}
     meta = _metadata(loaded, config, layers, online_ops, tied, dtype)
+    if shared:
+        meta["shared_online"] = shared
+        meta["format_version"] = SHARED_ONLINE_VERSION
 
     with atomic_output(output, overwrite) as tmp:  # checked above; the old output goes only once the new is in
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "lowbit": FORMAT})

@@ -23,7 +23,8 @@ from lowbit.models.loading import QUANT_FILE, LoadedModel, read_meta
 
 ONLINE_FILE = "online_transforms.safetensors"
 FORMAT = "lowbit-fake-quant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the highest this lowbit reads; 2 adds shared_online
+SHARED_ONLINE_VERSION = 2  # written only by files that share online tensors: the rest stay readable by 1
 
 
 def _version() -> str:
@@ -84,11 +85,11 @@ def save_quantized(
         loaded.tokenizer.save_pretrained(tmp)
         meta = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": 1,  # SHARED_ONLINE_VERSION only when online tensors are shared (below)
             "lowbit_version": _version(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source_model": loaded.source,
-            "config": _resolved_config(config, loaded.calibration_plan),
+            "config": resolved_config(config, loaded.calibration_plan),
             "config_name": config.name,
             "weights": f"rounded to the {config.name} grid, stored dequantized as {hf_config['dtype']}",
             "activations": None if config.act_spec is None else {
@@ -97,9 +98,12 @@ def save_quantized(
         }
         if loaded.rotation is not None:
             meta["rotation"] = loaded.rotation.to_dict()
-        online = _save_online(loaded.model, tmp)
+        online, shared = _save_online(loaded.model, tmp)
         if online:
             meta["online_ops"] = online
+        if shared:
+            meta["shared_online"] = shared
+            meta["format_version"] = SHARED_ONLINE_VERSION
             meta["note"] = ("online transforms (--norm-matrices, --rotate inputs) are in online_transforms.safetensors; "
                             "load this directory with lowbit.load_model, plain transformers would ignore them")
         if getattr(loaded, "calibration_log", None):
@@ -110,7 +114,7 @@ def save_quantized(
     return output
 
 
-def _resolved_config(config, plan) -> dict:
+def resolved_config(config, plan) -> dict:
     """The config as written, with MLP scales and norm matrices the run took by default spelled out (a later
     default cannot change what the file says); a run without them keeps the plain config, which reloads equal to
     the one given."""
@@ -122,28 +126,31 @@ def _resolved_config(config, plan) -> dict:
     return data
 
 
-def _save_online(model, directory: Path) -> list[str]:
+def _save_online(model, directory: Path) -> tuple[list[str], dict[str, str]]:
+    """Write the online ops, equal ones once; returns the modules that run one and the names left out."""
     from safetensors.torch import save_file
 
-    from lowbit.ptq.checkpoint import online_tensors
+    from lowbit.ptq.checkpoint import online_tensors, stored_once
 
     tensors = online_tensors(model)
+    unique, shared = stored_once(tensors)
     if tensors:
-        save_file(tensors, str(directory / ONLINE_FILE))
-    return sorted({k.rsplit(".", 2)[0] for k in tensors})
+        save_file(unique, str(directory / ONLINE_FILE))
+    return sorted({k.rsplit(".", 2)[0] for k in tensors}), shared
 
 
-def _load_online(model, directory: Path, names: list[str]) -> None:
+def _load_online(model, directory: Path, names: list[str], shared: dict) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from lowbit.transforms.online import OnlineTransform, attach_online
-    from lowbit.ptq.checkpoint import ONLINE
+    from lowbit.ptq.checkpoint import ONLINE, with_shared
 
     try:
         tensors = load_file(str(directory / ONLINE_FILE))
     except (OSError, SafetensorError) as err:
         raise LowbitError(f"{directory / ONLINE_FILE} is missing or corrupt ({err}); the model cannot run without it") from None
+    tensors = with_shared(tensors, shared, str(directory / QUANT_FILE))
     for name in names:
         try:
             inverse = tensors[f"{name}.{ONLINE}.inverse"]
@@ -167,7 +174,7 @@ def read_quantization(directory: Path):
             f"{path} was written by lowbit {meta.get('lowbit_version')} (format {meta['format_version']}); "
             f"upgrade lowbit (this is {_version()})"
         )
-    return QuantConfig.from_dict(meta["config"]), meta.get("online_ops", [])
+    return QuantConfig.from_dict(meta["config"]), meta.get("online_ops", []), meta.get("shared_online", {})
 
 
 def attach_saved_quantization(loaded: LoadedModel, directory: Path | None) -> None:
@@ -177,10 +184,10 @@ def attach_saved_quantization(loaded: LoadedModel, directory: Path | None) -> No
     found = read_quantization(directory) if directory is not None else None
     if found is None:
         return
-    config, online = found
+    config, online, shared = found
     loaded.quant_config = config
     if online:
-        _load_online(loaded.model, directory, online)
+        _load_online(loaded.model, directory, online, shared)
     if config.act_spec is not None:
         wrap_linears(loaded.model, loaded.adapter, None, config.act_spec)
     loaded.source = f"{loaded.source} ({config.method} {config.name})"

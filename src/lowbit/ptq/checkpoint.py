@@ -53,7 +53,7 @@ class BlockCheckpoints:
             raise LowbitError(
                 f"checkpoint directory {self.dir} belongs to a run with another configuration ({changed}); delete "
                 "it, or rerun with that run's options to resume (recipe defaults can change between lowbit versions: "
-                "--scale-init, --mlp-scales, --let-lr and --epochs set them explicitly)"
+                "--scale-init, --[no-]mlp-scales, --[no-]norm-matrices, --let-lr and --epochs set them explicitly)"
             )
         _atomic_write(path, lambda p: p.write_text(text))
 
@@ -101,6 +101,35 @@ class BlockCheckpoints:
 
 def has_online_ops(model: nn.Module) -> bool:
     return any(hasattr(m, ONLINE) for m in model.modules())
+
+
+def stored_once(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Equal tensors written once: an input rotation repeats one matrix in every block (30 x 1536 x 1536 float32,
+    283 MB, on SmolLM2). Returns the tensors to write and, for each one left out, the name of its equal."""
+    out: dict[str, torch.Tensor] = {}
+    shared: dict[str, str] = {}
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        twin = next((kept for kept, t in out.items() if t.shape == tensor.shape and t.dtype == tensor.dtype
+                     and torch.equal(t, tensor)), None)
+        if twin is None:
+            out[name] = tensor
+        else:
+            shared[name] = twin
+    return out, shared
+
+
+def with_shared(tensors: dict[str, torch.Tensor], shared: dict, where: str) -> dict[str, torch.Tensor]:
+    """``tensors`` with every name ``stored_once`` left out restored from its equal; a bad map is one clear line."""
+    if not isinstance(shared, dict):
+        raise LowbitError(f"{where} has a malformed shared_online map; the directory is corrupt")
+    out = dict(tensors)
+    for name, kept in shared.items():
+        if kept not in tensors or name in tensors:
+            raise LowbitError(f"{where} shares {name} with {kept}, which the file does not hold once; the directory "
+                              "is corrupt")
+        out[name] = tensors[kept]
+    return out
 
 
 def online_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
