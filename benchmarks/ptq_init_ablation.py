@@ -61,7 +61,7 @@ def block_outputs(model, adapter, windows: torch.Tensor) -> list[torch.Tensor]:
     outs: list[torch.Tensor] = []
     handles = [b.register_forward_hook(lambda m, a, out: outs.append((out[0] if isinstance(out, tuple) else out).float()))
                for b in adapter.blocks(model)]
-    model(windows)
+    model.model(windows)  # the decoder body: the blocks' outputs are all we need, not 49k-wide logits
     for h in handles:
         h.remove()
     return outs
@@ -82,7 +82,8 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> dict:
                         progress=False, tf32=None)
     # held-out: windows of another non-test text (LAMBADA's development text), so a variant that fits the
     # calibration windows without generalising shows here and not in the calibration loss
-    heldout = calibration_windows(loaded.tokenizer, "lambada", nsamples=args.heldout, seqlen=args.seqlen, seed=0)
+    heldout = calibration_windows(loaded.tokenizer, "lambada", nsamples=args.heldout, seqlen=args.seqlen, seed=0) \
+        if args.heldout else None
     fp_outs = block_outputs(loaded.model, loaded.adapter, heldout) if args.heldout else []
     start = time.perf_counter()
     logs = calibrate(loaded, config, plan, opts, windows)

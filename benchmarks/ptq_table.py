@@ -58,6 +58,12 @@ def parse_run(text: str, args) -> QuantConfig:
     return dataclasses.replace(_parse_config(text, args), **overrides)
 
 
+def option_suffix(text: str) -> str:
+    """A run's own ``@key=value`` options, sorted, as they name its checkpoint folder and table row ('' if none):
+    runs that differ only in them must not share either."""
+    return "".join(f"@{option}" for option in sorted(text.split("@")[1:]))
+
+
 def _parse_config(text: str, args) -> QuantConfig:
     label, _, name = text.partition(":")
     method, _, rounding = label.partition("+")
@@ -87,13 +93,14 @@ def _learning(config: QuantConfig, plan) -> dict:
 class Calibrated:
     loaded: object
     config: QuantConfig
+    tag: str  # the run's own options (option_suffix)
     seconds: float  # calibration seconds summed over blocks (restored blocks keep their logged time)
     wall: float
     peak: float | None
     stream: object = None  # the run's CUDA stream when runs share the GPU; its evaluation runs there too
 
 
-def calibrate_one(fp, config: QuantConfig, args, parallel: bool, tf32: bool | None) -> Calibrated:
+def calibrate_one(fp, config: QuantConfig, tag: str, args, parallel: bool, tf32: bool | None) -> Calibrated:
     """Calibrate a fresh copy of ``fp`` with ``config`` (on its own CUDA stream when runs share the GPU)."""
     loaded = copy.deepcopy(fp)
     cuda = args.device.startswith("cuda")
@@ -102,7 +109,7 @@ def calibrate_one(fp, config: QuantConfig, args, parallel: bool, tf32: bool | No
         if cuda and not parallel:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        ckpt = None if args.checkpoint_dir is None else args.checkpoint_dir / f"{config.label.replace(' ', '-')}-{config.name}"
+        ckpt = None if args.checkpoint_dir is None else args.checkpoint_dir / f"{config.label.replace(' ', '-')}-{config.name}{tag}"
         quantize(loaded, config, device=args.device, checkpoint_dir=ckpt, progress=False, tf32=tf32)
         if stream is not None:
             stream.synchronize()
@@ -110,20 +117,20 @@ def calibrate_one(fp, config: QuantConfig, args, parallel: bool, tf32: bool | No
     log = loaded.calibration_log or []
     seconds = sum(e.seconds for e in log) if log else wall
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return Calibrated(loaded, config, seconds, wall, peak, stream)
+    return Calibrated(loaded, config, tag, seconds, wall, peak, stream)
 
 
 def evaluate_one(cal: Calibrated, args, options: EvalOptions, parallel: bool, tf32: bool) -> tuple[list[dict], str]:
     """Evaluate a calibrated model on WikiText-2; returns its rows and its table line."""
-    loaded, config = cal.loaded, cal.config
+    loaded, config, tag = cal.loaded, cal.config, cal.tag
     with torch.cuda.stream(cal.stream) if cal.stream is not None else contextlib.nullcontext():
         loaded.model.to(args.device)
-        new = eval_and_record(loaded, ["wikitext2"], options, f"{config.label} {config.name}", config)
+        new = eval_and_record(loaded, ["wikitext2"], options, f"{config.label} {config.name}{tag}", config)
         if cal.stream is not None:
             cal.stream.synchronize()
     blocks = len(loaded.adapter.blocks(loaded.model))
     for row in new:
-        row.update(method=config.label, rounding=config.rounding_method,
+        row.update(method=config.label, run_options=tag, rounding=config.rounding_method,
                    gptq=None if config.rounding_method != "gptq" else {
                        "grid": config.gptq_grid, "act_order": config.gptq_act_order, "damp": config.gptq_damp,
                        "block_size": config.gptq_block_size},
@@ -135,7 +142,7 @@ def evaluate_one(cal: Calibrated, args, options: EvalOptions, parallel: bool, tf
                    eager_blocks=[e.block for e in loaded.calibration_log or [] if e.cuda_graph is False],
                    recipe={"nsamples": config.nsamples, "seqlen": config.seqlen, **_learning(config, loaded.calibration_plan),
                            "epochs": default_epochs(config), "batch_size": config.batch_size, "tf32": tf32})
-    line = (f"| {config.label} | {config.name} | {new[0]['value']:.3f} | {cal.seconds / blocks:.2f} | "
+    line = (f"| {config.label}{tag} | {config.name} | {new[0]['value']:.3f} | {cal.seconds / blocks:.2f} | "
             f"{'-' if cal.peak is None else f'{cal.peak:.2f}'} |")
     loaded.model.to("cpu")
     return new, line
@@ -187,7 +194,11 @@ def main(argv: list[str] | None = None) -> None:
 
     fp = load_model(args.model, device="cpu", dtype=args.dtype)
     options = EvalOptions(seqlen=args.eval_seqlen, batch_size=8, limit=args.limit, device=args.device, progress=False)
-    configs = [parse_run(run, args) for run in args.runs.split(",")]
+    runs = [(parse_run(text, args), option_suffix(text)) for text in args.runs.split(",")]
+    names = [f"{config.label} {config.name}{tag}" for config, tag in runs]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--runs names one run twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
+                         f"each run needs its own method, configuration or @options")
     rows, lines, lock = [], [], threading.Lock()
 
     def record(result: tuple[list[dict], str]) -> None:
@@ -208,8 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     tf32 = args.tf32 or not parallel
     deferred = parallel and args.tf32
 
-    def job(config: QuantConfig):
-        cal = calibrate_one(fp, config, args, parallel, tf32=None if parallel else True)
+    def job(config: QuantConfig, tag: str):
+        cal = calibrate_one(fp, config, tag, args, parallel, tf32=None if parallel else True)
         return cal if deferred else evaluate_one(cal, args, options, parallel, tf32)
 
     previous = torch.get_float32_matmul_precision()
@@ -218,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     calibrated, errors = [], []
     try:
         with ThreadPoolExecutor(args.parallel) as pool:
-            for future in as_completed([pool.submit(job, c) for c in configs]):
+            for future in as_completed([pool.submit(job, c, t) for c, t in runs]):
                 try:
                     result = future.result()
                 except Exception as err:  # the other runs go on and are recorded; the first error is raised at the end

@@ -67,6 +67,22 @@ def test_affinequant_cli_side_by_side_and_reload(tmp_path, capsys, tiny_model_di
     assert json.loads((tmp_path / "e.json").read_text())[0]["value"] == pytest.approx(calibrated, rel=2e-3)
 
 
+@pytest.mark.parametrize("flags, weight_lr, norm_matrices", [
+    (["--rotate", "inputs"], 0.0, True),  # the norm matrices' default after an input rotation
+    (["--rotate", "inputs", "--no-norm-matrices"], 0.0, False),
+    (["--abits", "16", "--weight-lr", "1e-4"], 1e-4, None),  # Block-AP, weight-only (no norm matrices: as given)
+])
+def test_rotation_norm_matrices_and_weight_lr_flags_reach_the_saved_config(tmp_path, tiny_model_dir, flags, weight_lr,
+                                                                          norm_matrices):
+    out = tmp_path / "aq"
+    argv = ["-q", "quantize", "--method", "affinequant", "--model", str(tiny_model_dir("llama")), "--wbits", "4",
+            "--abits", "4", "--nsamples", "2", "--calib-seqlen", "32", "--epochs", "1", "--output", str(out),
+            "--device", "cpu", *flags]
+    assert main(argv) == 0
+    config = json.loads((out / "quantization.json").read_text())["config"]
+    assert (config.get("weight_lr", 0.0), config["norm_matrices"]) == (weight_lr, norm_matrices)
+
+
 def test_eval_reads_a_packed_output_like_the_fake_quant_one(tmp_path, capsys, tiny_model_dir, text_file):
     """`lowbit eval` on a `--format packed` output runs the packed modules and gets the fake-quant save's number."""
     import torch

@@ -125,10 +125,10 @@ def test_default_mlp_scales_resume_a_run_that_asked_for_them(tmp_path, tiny_toke
         quantize(tiny_loaded("llama", tiny_tokenizer), config(epochs=1, mlp_scales=False), checkpoint_dir=tmp_path,
                  progress=False)
     # what a saved model says: the resolved value, not the default's None
-    from lowbit.models.saving import _resolved_config
+    from lowbit.models.saving import resolved_config
 
     assert loaded.calibration_plan.mlp_scales
-    assert _resolved_config(config(epochs=1), loaded.calibration_plan)["mlp_scales"] is True
+    assert resolved_config(config(epochs=1), loaded.calibration_plan)["mlp_scales"] is True
     assert "mlp_scales" not in config(epochs=1).to_dict()
 
 

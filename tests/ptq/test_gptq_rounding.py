@@ -133,7 +133,7 @@ ENGINE_RUNS = [
 
 
 @pytest.mark.parametrize("arch, cfg", ENGINE_RUNS, ids=lambda v: v if isinstance(v, str) else
-                         f"{v.label}-{v.name}-{v.gptq_grid}-ao{int(v.gptq_act_order)}-nm{int(v.norm_matrices)}")
+                         f"{v.label}-{v.name}-{v.gptq_grid}-ao{int(v.gptq_act_order)}-nm{int(bool(v.norm_matrices))}")
 def test_engine_end_to_end(arch, cfg, tiny_tokenizer):
     loaded = tiny_loaded(arch, tiny_tokenizer)
     quantize(loaded, cfg, progress=False)

@@ -100,3 +100,17 @@ def test_run_options_apply_to_their_run_only(table):
     for bad in ("rtn:W4A4@colour=red", "rtn:W4A4@rotate=", "affinequant:W4A4@norm_matrices=yes"):
         with pytest.raises(SystemExit):
             table.parse_run(bad, args)
+    assert table.option_suffix("affinequant:W4A4@weight_lr=1e-4@rotate=inputs") == "@rotate=inputs@weight_lr=1e-4"
+    assert table.option_suffix("rtn:W4A4") == ""
+
+
+def test_runs_that_differ_only_in_options_keep_their_own_names(tmp_path, tiny_model_dir, table):
+    out = tmp_path / "options.json"
+    runs = _common(tiny_model_dir, "omniquant:W4A16@let_lr=1e-3,omniquant:W4A16@let_lr=5e-3")
+    table.main(runs + ["--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(out)])
+    names = [r["name"] for r in json.loads(out.read_text())]
+    assert sorted(names) == ["omniquant W4A16@let_lr=1e-3", "omniquant W4A16@let_lr=5e-3"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["omniquant-W4A16@let_lr=1e-3",
+                                                                   "omniquant-W4A16@let_lr=5e-3"]
+    with pytest.raises(SystemExit, match="names one run twice"):
+        table.main(_common(tiny_model_dir, "rtn:W4A16,rtn:W4A16") + ["--out", str(out)])

@@ -186,7 +186,8 @@ def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, op
     resolved = {k: v for k, v in config.to_dict().items() if k not in ("scale_init", "mlp_scales")}
     if plan.mlp_scales:  # as runs that asked for them before they were a default wrote it
         resolved["mlp_scales"] = True
-    resolved["norm_matrices"] = plan.norm_matrices  # likewise: runs from before its default wrote the bool
+    if config.norm_matrices is None:  # likewise: runs from before its default wrote the bool
+        resolved["norm_matrices"] = plan.norm_matrices
     manifest = {"config": {**resolved, "let_lr": opts.let_lr}, "plan": plan.to_dict(), "options": {
         k: v for k, v in asdict(opts).items() if k not in ("checkpoint_dir", "progress", "device", "cuda_graph", "tf32")
         and not (k == "weight_lr" and v == 0)}}  # a later option: the manifests of runs from before it still match
