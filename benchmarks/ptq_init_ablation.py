@@ -7,8 +7,15 @@ alone (112.1 against 104.6 perplexity), its block loss behind from block 0 on. T
 clipping alone (OmniQuant weight-only), clipping + learnt scales, AffineQuant (scales + v→o matrices), each
 from SmoothQuant's scales or from the identity, at the papers' transform learning rate or a smaller one. The
 first ``--blocks`` blocks of the model are calibrated on WikiText-2 validation windows (never the test split);
-each variant runs in its own process (one thread each, ``--jobs`` at once). Writes
-benchmarks/results/ptq_init_ablation_w{BITS}.json.
+each variant runs in its own process (one thread each, ``--jobs`` at once). Each block's error is also measured
+on held-out text (``--heldout``). Writes benchmarks/results/ptq_init_ablation_w{BITS}[a{ABITS}][_rotate_...].json.
+
+``--recipes`` compares the methods as ``quantize()`` runs them (OmniQuant, AffineQuant without and with norm
+matrices) for ``--wbits/--abits`` after an optional ``--rotate``, e.g. why AffineQuant lost to OmniQuant at W6A6
+after ``--rotate inputs``:
+
+    python benchmarks/ptq_init_ablation.py --recipes --wbits 6 --abits 6 --group-size 0 --rotate inputs \
+        --blocks 2 --nsamples 32 --seqlen 512 --epochs 8 --jobs 1
 """
 
 from __future__ import annotations
@@ -20,11 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.config import QuantConfig
+from lowbit.config import ROTATIONS, QuantConfig
 from lowbit.data.texts import calibration_windows
 from lowbit.models.loading import load_model
 from lowbit.ptq.block import TransformPlan
 from lowbit.ptq.engine import CalibOptions, calibrate
+from lowbit.ptq.recipes import default_let_lr, plan_for
+from lowbit.transforms.rotation import rotate
 from lowbit.report import print_markdown, write_json
 
 
@@ -32,11 +41,14 @@ from lowbit.report import print_markdown, write_json
 class Variant:
     name: str
     method: str
-    scales: bool
-    matrices: bool
-    scale_init: str
-    let_lr: float
+    scales: bool = False
+    matrices: bool = False
+    scale_init: str = "smoothquant"
+    let_lr: float = 5e-3
     weight_lr: float = 0.0  # > 0: the weights learn too (Block-AP)
+    # None: the plan above; a dict: the method's real recipe (lowbit.ptq.recipes) for a config with these fields,
+    # the command's --abits and --rotate (the fields above are then not used)
+    recipe: dict | None = None
 
 
 VARIANTS = (
@@ -52,6 +64,14 @@ VARIANTS = (
     Variant("AffineQuant weight-only default + weights 3e-5", "affinequant", True, True, "identity", 1e-3, 3e-5),
     Variant("AffineQuant weight-only default + weights 1e-4", "affinequant", True, True, "identity", 1e-3, 1e-4),
     Variant("AffineQuant weight-only default + weights 3e-4", "affinequant", True, True, "identity", 1e-3, 3e-4),
+)
+
+
+# --recipes: the methods as they really run, e.g. why AffineQuant lost to OmniQuant at W6A6 after --rotate inputs
+RECIPE_VARIANTS = (
+    Variant("OmniQuant (recipe)", "omniquant", recipe={}),
+    Variant("AffineQuant without norm matrices (recipe)", "affinequant", recipe={"norm_matrices": False}),
+    Variant("AffineQuant with norm matrices (recipe)", "affinequant", recipe={"norm_matrices": True}),
 )
 
 
@@ -75,10 +95,17 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> dict:
     del layers[args.blocks:]  # the first blocks only: their inputs are the model's own
     windows = calibration_windows(loaded.tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
     # what is learnt and how comes from the plan and the options; the config gives the grid
-    config = QuantConfig(method=variant.method, wbits=args.wbits, group_size=args.group_size or None)
-    plan = TransformPlan(lwc=True, scales=variant.scales, matrices=variant.matrices, sf=1e-2,
-                         scale_init=variant.scale_init, weights=variant.weight_lr > 0)
-    opts = CalibOptions(epochs=args.epochs, let_lr=variant.let_lr, weight_lr=variant.weight_lr, device="cpu",
+    config = QuantConfig(method=variant.method, wbits=args.wbits, abits=args.abits, group_size=args.group_size or None,
+                         rotate=args.rotate, **(variant.recipe or {}))
+    if variant.recipe is None:
+        plan = TransformPlan(lwc=True, scales=variant.scales, matrices=variant.matrices, sf=1e-2,
+                             scale_init=variant.scale_init, weights=variant.weight_lr > 0)
+        let_lr = variant.let_lr
+    else:
+        plan, let_lr = plan_for(config), default_let_lr(config)
+    if args.rotate:
+        rotate(loaded.model, loaded.adapter, args.rotate, seed=0)  # as quantize() does, before calibrating
+    opts = CalibOptions(epochs=args.epochs, let_lr=let_lr, weight_lr=variant.weight_lr, device="cpu",
                         progress=False, tf32=None)
     # held-out: windows of another non-test text (LAMBADA's development text), so a variant that fits the
     # calibration windows without generalising shows here and not in the calibration loss
@@ -90,8 +117,9 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> dict:
     seconds = round(time.perf_counter() - start, 1)
     q_outs = block_outputs(loaded.model, loaded.adapter, heldout) if args.heldout else []
     heldout_mse = [float(torch.nn.functional.mse_loss(q, f)) for q, f in zip(q_outs, fp_outs)]
-    return {"variant": variant.name, "method": variant.method, "scales": variant.scales, "matrices": variant.matrices,
-            "scale_init": variant.scale_init, "let_lr": variant.let_lr, "weight_lr": variant.weight_lr, "config": config.name,
+    return {"variant": variant.name, "method": variant.method, "scales": plan.scales, "matrices": plan.matrices,
+            "scale_init": plan.scale_init, "let_lr": let_lr, "weight_lr": variant.weight_lr, "config": config.name,
+            "rotate": args.rotate, "plan": plan.to_dict(),
             "seconds": seconds,
             "blocks": [{"block": e.block, "loss_before": e.loss_before, "loss_after": e.loss_after,
                         "heldout_loss": heldout_mse[e.block] if heldout_mse else None,
@@ -106,21 +134,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--epochs", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=16, help="epochs per block, --recipes runs too (not the recipes' own)")
     p.add_argument("--jobs", type=int, default=2, help="variants calibrated at once, one process each")
     p.add_argument("--only", default=None, help="comma-separated indices into the variant list (default: all)")
+    p.add_argument("--abits", type=int, default=16, help="activation bits (16: float)")
+    p.add_argument("--rotate", default=None, choices=ROTATIONS, help="rotate before calibrating (lowbit.transforms.rotation)")
+    p.add_argument("--recipes", action="store_true",
+                   help="compare the methods' real recipes (OmniQuant, AffineQuant without and with norm matrices) "
+                        "instead of the weight-only variants")
     p.add_argument("--heldout", type=int, default=8,
                    help="windows of LAMBADA's development text on which each block's output error is also measured "
                         "(the quantized model's blocks reading their own outputs, as at inference); 0: none")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    chosen = VARIANTS if args.only is None else [VARIANTS[int(i)] for i in args.only.split(",")]
+    pool_of = RECIPE_VARIANTS if args.recipes else VARIANTS
+    chosen = pool_of if args.only is None else [pool_of[int(i)] for i in args.only.split(",")]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(run_variant, chosen, [args] * len(chosen)))
-    recipe = {k: getattr(args, k) for k in ("wbits", "group_size", "blocks", "nsamples", "seqlen", "epochs")}
+    recipe = {k: getattr(args, k) for k in ("wbits", "abits", "rotate", "group_size", "blocks", "nsamples", "seqlen", "epochs")}
     for row in rows:
         row["recipe"] = recipe
-    write_json(rows, args.out or f"benchmarks/results/ptq_init_ablation_w{args.wbits}.json")
+    name = f"w{args.wbits}" + (f"a{args.abits}" if args.abits < 16 else "") + (f"_rotate_{args.rotate}" if args.rotate else "")
+    write_json(rows, args.out or f"benchmarks/results/ptq_init_ablation_{name}{'_recipes' if args.recipes else ''}.json")
     heads = [f"block {b} loss" for b in range(args.blocks)]
     heads += [f"block {b} held-out" for b in range(args.blocks)] if args.heldout else []
     print_markdown(["variant", *heads],

@@ -168,10 +168,11 @@ def test_equal_online_tensors_are_stored_once_and_a_bad_map_is_refused():
     tensors = {"x": a, "y": a.clone(), "z": b, "w": a[:2].clone()}
     unique, shared = stored_once(tensors)
     assert set(unique) == {"w", "x", "z"} and shared == {"y": "x"}
-    assert all(torch.equal(t, tensors[k]) for k, t in with_shared(unique, shared, "f").items())
-    for bad in ({"y": "missing"}, {"x": "z"}, ["y"]):
+    allowed = set(tensors) | {"missing"}
+    assert all(torch.equal(t, tensors[k]) for k, t in with_shared(unique, shared, allowed, "f").items())
+    for bad in ({"y": "missing"}, {"x": "z"}, ["y"], {"y": ["x"]}, {"v": "x"}):  # "v": not an online op's tensor
         with pytest.raises(LowbitError, match="corrupt"):
-            with_shared(unique, bad, "quantization.json")
+            with_shared(unique, bad, allowed, "quantization.json")
 
 
 def test_rotation_config_and_refusals(tiny_model_dir):

@@ -119,9 +119,10 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu",
     adapter = adapter_for(model.config.model_type)
     adapter.validate(model)
     path = directory / WEIGHTS_FILE
-    from lowbit.ptq.checkpoint import with_shared
+    from lowbit.ptq.checkpoint import online_names, with_shared
 
-    tensors = with_shared(_open_tensors(path), meta.get("shared_online", {}), str(directory / QUANT_FILE))
+    tensors = with_shared(_open_tensors(path), meta.get("shared_online", {}), online_names(meta.get("online_ops", [])),
+                          str(directory / QUANT_FILE))
 
     # what the config implies the file must hold
     layers = [f"{adapter.blocks_path}.{b}.{n}" for b in range(len(adapter.blocks(model))) for n in adapter.linears]

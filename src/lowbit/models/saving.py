@@ -101,11 +101,11 @@ def save_quantized(
         online, shared = _save_online(loaded.model, tmp)
         if online:
             meta["online_ops"] = online
+            meta["note"] = ("online transforms (--norm-matrices, --rotate inputs) are in online_transforms.safetensors; "
+                            "load this directory with lowbit.load_model, plain transformers would ignore them")
         if shared:
             meta["shared_online"] = shared
             meta["format_version"] = SHARED_ONLINE_VERSION
-            meta["note"] = ("online transforms (--norm-matrices, --rotate inputs) are in online_transforms.safetensors; "
-                            "load this directory with lowbit.load_model, plain transformers would ignore them")
         if getattr(loaded, "calibration_log", None):
             from lowbit.ptq.engine import write_log
 
@@ -144,13 +144,13 @@ def _load_online(model, directory: Path, names: list[str], shared: dict) -> None
     from safetensors.torch import load_file
 
     from lowbit.transforms.online import OnlineTransform, attach_online
-    from lowbit.ptq.checkpoint import ONLINE, with_shared
+    from lowbit.ptq.checkpoint import ONLINE, online_names, with_shared
 
     try:
         tensors = load_file(str(directory / ONLINE_FILE))
     except (OSError, SafetensorError) as err:
         raise LowbitError(f"{directory / ONLINE_FILE} is missing or corrupt ({err}); the model cannot run without it") from None
-    tensors = with_shared(tensors, shared, str(directory / QUANT_FILE))
+    tensors = with_shared(tensors, shared, online_names(names), str(directory / QUANT_FILE))
     for name in names:
         try:
             inverse = tensors[f"{name}.{ONLINE}.inverse"]
@@ -160,7 +160,8 @@ def _load_online(model, directory: Path, names: list[str], shared: dict) -> None
 
 
 def read_quantization(directory: Path):
-    """Parse and check ``quantization.json``; returns (``QuantConfig``, online op names) or None if absent."""
+    """Parse and check ``quantization.json``; returns (``QuantConfig``, online op names, shared_online map) or None
+    if absent."""
     from lowbit.config import QuantConfig
 
     meta = read_meta(directory)

@@ -119,13 +119,19 @@ def stored_once(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return out, shared
 
 
-def with_shared(tensors: dict[str, torch.Tensor], shared: dict, where: str) -> dict[str, torch.Tensor]:
-    """``tensors`` with every name ``stored_once`` left out restored from its equal; a bad map is one clear line."""
+def online_names(ops) -> set[str]:
+    """The tensor names the online ops of the modules ``ops`` may have (what a shared_online map may name)."""
+    return {f"{op}.{ONLINE}.{part}" for op in ops if isinstance(op, str) for part in ("inverse", "shift")}
+
+
+def with_shared(tensors: dict[str, torch.Tensor], shared: dict, allowed: set[str], where: str) -> dict[str, torch.Tensor]:
+    """``tensors`` with every name ``stored_once`` left out restored from its equal; a bad map is one clear line.
+    Only online-op tensors (``allowed``) may be shared, so a map cannot stand in for a missing weight."""
     if not isinstance(shared, dict):
         raise LowbitError(f"{where} has a malformed shared_online map; the directory is corrupt")
     out = dict(tensors)
     for name, kept in shared.items():
-        if kept not in tensors or name in tensors:
+        if not (isinstance(kept, str) and name in allowed and kept in allowed) or kept not in tensors or name in tensors:
             raise LowbitError(f"{where} shares {name} with {kept}, which the file does not hold once; the directory "
                               "is corrupt")
         out[name] = tensors[kept]
