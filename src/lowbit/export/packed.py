@@ -111,7 +111,7 @@ def save_packed(loaded, config, output: str | Path, overwrite: bool = False,
 
     ``dtype`` is the storage type of the tensors that stay floating point (float16, bfloat16 or float32).
     """
-    from lowbit.ptq.checkpoint import online_tensors, stored_once
+    from lowbit.ptq.checkpoint import online_to_save
 
     output = Path(output).expanduser()
     if output.exists() and not overwrite:
@@ -126,9 +126,7 @@ def save_packed(loaded, config, output: str | Path, overwrite: bool = False,
         raise LowbitError("the model has no quantized linear layers to pack")
     skip = {f"{name}.{p}" for name in layers for p in ("weight", "bias")}
     rest, tied = float_tensors(model, skip, dtype)
-    online = online_tensors(model)
-    online_ops = sorted({k.rsplit(".", 2)[0] for k in online})
-    online, shared = stored_once(online)  # an input rotation repeats one matrix in every block
+    online, online_ops, shared = online_to_save(model)  # an input rotation repeats one matrix in every block
     tensors = {**rest, **packed, **online}
     meta = _metadata(loaded, config, layers, online_ops, tied, dtype)
     if shared:

@@ -130,13 +130,12 @@ def _save_online(model, directory: Path) -> tuple[list[str], dict[str, str]]:
     """Write the online ops, equal ones once; returns the modules that run one and the names left out."""
     from safetensors.torch import save_file
 
-    from lowbit.ptq.checkpoint import online_tensors, stored_once
+    from lowbit.ptq.checkpoint import online_to_save
 
-    tensors = online_tensors(model)
-    unique, shared = stored_once(tensors)
+    tensors, ops, shared = online_to_save(model)
     if tensors:
-        save_file(unique, str(directory / ONLINE_FILE))
-    return sorted({k.rsplit(".", 2)[0] for k in tensors}), shared
+        save_file(tensors, str(directory / ONLINE_FILE))
+    return ops, shared
 
 
 def _load_online(model, directory: Path, names: list[str], shared: dict) -> None:

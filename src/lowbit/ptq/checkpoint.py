@@ -99,10 +99,6 @@ class BlockCheckpoints:
         _atomic_write(meta, lambda p: p.write_text(json.dumps(asdict(entry), indent=2)))
 
 
-def has_online_ops(model: nn.Module) -> bool:
-    return any(hasattr(m, ONLINE) for m in model.modules())
-
-
 def stored_once(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Equal tensors written once: an input rotation repeats one matrix in every block (30 x 1536 x 1536 float32,
     283 MB, on SmolLM2). Returns the tensors to write and, for each one left out, the name of its equal."""
@@ -117,6 +113,14 @@ def stored_once(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
         else:
             shared[name] = twin
     return out, shared
+
+
+def online_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
+    """What a saved model writes of its online ops: the tensors (equal ones once, ``stored_once``), the modules
+    that run one, and the names left out with their equals."""
+    tensors = online_tensors(model)
+    unique, shared = stored_once(tensors)
+    return unique, sorted({k.rsplit(".", 2)[0] for k in tensors}), shared
 
 
 def online_names(ops) -> set[str]:

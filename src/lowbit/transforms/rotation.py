@@ -15,8 +15,8 @@ Two placements, both exact (the model computes the same function before quantiza
 
 On SmolLM2 (full WikiText-2 test, H100, BENCHMARKS.md) ``inputs`` wins wherever activations are quantized:
 RTN W6A6 27.50 → 22.41 (``residual`` 24.94), W4A4 1651.8 → 73.7 (517.0); AffineQuant at the paper recipe W6A6
-22.75 → 22.20, W4A4 56.45 → 35.04. Both cost weight-only RTN (W4A16 38.94 → 42.09, ``residual`` 70.86):
-rotations are for quantized activations, hence opt-in.
+22.75 → 22.20 (22.09 with the norm matrices, their default after it), W4A4 56.45 → 35.04. Both cost weight-only
+RTN (W4A16 38.94 → 42.09, ``residual`` 70.86): rotations are for quantized activations, hence opt-in.
 """
 
 from __future__ import annotations
