@@ -29,7 +29,7 @@ import torch
 from lowbit import QuantConfig, load_model, quantize
 from lowbit.config import GPTQ_GRIDS, ROTATIONS, SCALE_INITS, SCALE_LEARNING_METHODS
 from lowbit.eval import EvalOptions
-from lowbit.ptq.recipes import default_epochs, default_let_lr
+from lowbit.ptq.recipes import default_epochs, default_let_lr, default_weight_lr
 from lowbit.report import eval_and_record, print_markdown, write_json
 
 
@@ -78,7 +78,7 @@ def _parse_config(text: str, args) -> QuantConfig:
                        let_lr=getattr(args, "let_lr", None), mlp_scales=getattr(args, "mlp_scales", None),
                        norm_matrices=getattr(args, "norm_matrices", None) if method == "affinequant" else None,
                        rotate=getattr(args, "rotate", None),
-                       weight_lr=getattr(args, "weight_lr", 0.0) if method in SCALE_LEARNING_METHODS else 0.0)
+                       weight_lr=getattr(args, "weight_lr", None) if method in SCALE_LEARNING_METHODS else None)
 
 
 def _learning(config: QuantConfig, plan) -> dict:
@@ -86,7 +86,7 @@ def _learning(config: QuantConfig, plan) -> dict:
     if config.method == "rtn":
         return {}
     return {"let_lr": default_let_lr(config), "lwc_lr": config.lwc_lr, "scale_init": plan.scale_init,
-            "mlp_scales": plan.mlp_scales, "norm_matrices": plan.norm_matrices, "weight_lr": config.weight_lr}
+            "mlp_scales": plan.mlp_scales, "norm_matrices": plan.norm_matrices, "weight_lr": default_weight_lr(config)}
 
 
 @dataclass
@@ -175,8 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--norm-matrices", action=argparse.BooleanOptionalAction, default=None,
                    help="affinequant runs: full matrices at the norms, kept as online ops (default: the recipe's; "
                         "other methods ignore it)")
-    p.add_argument("--weight-lr", type=float, default=0.0,
-                   help="omniquant / affinequant runs: the weights learn too, at this rate (Block-AP; default 0)")
+    p.add_argument("--weight-lr", type=float, default=None,
+                   help="omniquant / affinequant runs: the weights learn too, at this rate (Block-AP; default: the "
+                        "recipe's, 3e-5 for affinequant weight-only, else 0)")
     p.add_argument("--mlp-scales", action=argparse.BooleanOptionalAction, default=None,
                    help="diagonal scales on the MLP's inner pair, up_proj → down_proj (default: the recipe's, on for "
                         "affinequant with activation bits; --no-mlp-scales runs every method as in the papers)")

@@ -130,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--norm-matrices", action=argparse.BooleanOptionalAction, default=None,
                    help="AffineQuant: full matrices after the norms, kept as online ops (default: on after --rotate "
                         "inputs with activation bits, where they compose into the rotation for free; off otherwise)")
-    c.add_argument("--weight-lr", type=float, default=0.0,
+    c.add_argument("--weight-lr", type=float, default=None,
                    help="omniquant / affinequant: the weights learn too, at this rate, through the rounding, beside the "
-                        "transforms and clipping (EfficientQAT's Block-AP; default 0: weights as loaded, as the papers)")
+                        "transforms and clipping (EfficientQAT's Block-AP; default: 3e-5 for affinequant weight-only, "
+                        "0 otherwise; 0 keeps the weights as loaded, as the papers do)")
     q.add_argument("--rotate", default=None, choices=ROTATIONS,
                    help="rotate by a seeded Hadamard matrix before quantizing: inputs (each norm's output, online, "
                         "merged into the linears reading it) or residual (QuaRot's offline rotation of the residual "

@@ -67,8 +67,9 @@ class QuantConfig:
     # readers) or "residual" (QuaRot's offline rotation of the residual stream; RMSNorm models); None: no rotation
     rotate: str | None = None
     # learning rate of the block's weights themselves, trained through the rounding beside the transforms and the
-    # clipping (EfficientQAT's Block-AP; lowbit.ptq.block); 0 keeps the weights as loaded, as the papers do
-    weight_lr: float = 0.0
+    # clipping (EfficientQAT's Block-AP; lowbit.ptq.block); 0 keeps the weights as loaded, as the papers do; None:
+    # the recipe's (3e-5 for AffineQuant weight-only, 0 elsewhere: lowbit.ptq.recipes.default_weight_lr)
+    weight_lr: float | None = None
     # final rounding of the weights: None is the method's own (GPTQ for ``gptq``, round-to-nearest otherwise);
     # "gptq" after a calibrating method rounds its merged weights by GPTQ on the grid it learnt (weight-only)
     rounding: str | None = None
@@ -93,7 +94,7 @@ class QuantConfig:
             raise LowbitError(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.let_lr is not None and not self.let_lr > 0:
             raise LowbitError(f"--let-lr must be positive, got {self.let_lr}")
-        if not self.weight_lr >= 0:
+        if self.weight_lr is not None and not self.weight_lr >= 0:
             raise LowbitError(f"--weight-lr must be 0 (weights stay as loaded) or positive, got {self.weight_lr}")
         if self.weight_lr and self.method not in SCALE_LEARNING_METHODS:
             raise LowbitError(f"--weight-lr trains the weights beside a learning method (omniquant, affinequant), "
@@ -147,7 +148,9 @@ class QuantConfig:
     def label(self) -> str:
         """The method as tables name it: ``affinequant+gptq`` when GPTQ rounds after a calibrating method,
         ``affinequant+weights`` when the weights learn too, ``inputs-rotated rtn`` after a rotation."""
-        label = self.method + ("+weights" if self.weight_lr else "")
+        from lowbit.ptq.recipes import default_weight_lr  # the recipes read this module: import on use
+
+        label = self.method + ("+weights" if default_weight_lr(self) else "")
         label += "+gptq" if self.method != "gptq" and self.rounding_method == "gptq" else ""
         return f"{self.rotate}-rotated {label}" if self.rotate else label
 

@@ -71,6 +71,8 @@ def test_affinequant_cli_side_by_side_and_reload(tmp_path, capsys, tiny_model_di
     (["--rotate", "inputs"], 0.0, True),  # the norm matrices' default after an input rotation
     (["--rotate", "inputs", "--no-norm-matrices"], 0.0, False),
     (["--abits", "16", "--weight-lr", "1e-4"], 1e-4, None),  # Block-AP, weight-only (no norm matrices: as given)
+    (["--abits", "16"], 3e-5, None),  # weight-only AffineQuant's default rate, spelled out
+    (["--abits", "16", "--weight-lr", "0"], 0.0, None),  # the papers' AffineQuant: weights as loaded
 ])
 def test_rotation_norm_matrices_and_weight_lr_flags_reach_the_saved_config(tmp_path, tiny_model_dir, flags, weight_lr,
                                                                           norm_matrices):

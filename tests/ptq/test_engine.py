@@ -341,6 +341,28 @@ def test_weight_lr_is_checked_and_left_out_of_old_manifests(tmp_path, tiny_token
                  progress=False)
 
 
+def test_weight_only_affinequant_learns_its_weights_by_default(tmp_path, tiny_tokenizer):
+    """The recipe's rate (3e-5) for AffineQuant weight-only; 0 turns it off; an explicit 3e-5 is the same run (its
+    checkpoints resume the default's), and OmniQuant or activation bits keep the weights as loaded."""
+    from lowbit.ptq.recipes import default_weight_lr, plan_for
+
+    weight_only = config(abits=16, epochs=1)
+    assert default_weight_lr(weight_only) == 3e-5 and plan_for(weight_only).weights
+    assert weight_only.label == "affinequant+weights"
+    assert not plan_for(config(abits=16, weight_lr=0.0)).weights and config(abits=16, weight_lr=0.0).label == "affinequant"
+    assert default_weight_lr(config()) == default_weight_lr(config("omniquant", abits=16)) == 0.0
+    default = quantize(tiny_loaded("llama", tiny_tokenizer), weight_only, checkpoint_dir=tmp_path, progress=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["options"]["weight_lr"] == manifest["config"]["weight_lr"] == 3e-5
+    explicit = quantize(tiny_loaded("llama", tiny_tokenizer), config(abits=16, epochs=1, weight_lr=3e-5),
+                        checkpoint_dir=tmp_path, progress=False)
+    ids = torch.randint(0, 384, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(logits(explicit, ids), logits(default, ids))
+    with pytest.raises(LowbitError, match="another configuration"):
+        quantize(tiny_loaded("llama", tiny_tokenizer), config(abits=16, epochs=1, weight_lr=0.0),
+                 checkpoint_dir=tmp_path, progress=False)
+
+
 def test_norm_matrices_default_on_only_after_an_input_rotation():
     from lowbit.ptq.recipes import plan_for
 

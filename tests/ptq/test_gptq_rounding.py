@@ -1,6 +1,7 @@
 """GPTQ rounding: on the grid, equal to RTN under an identity Hessian, better than RTN on correlated inputs, and as
 the engine's final rounding stage (alone and after AffineQuant) end to end, with resume and save/reload."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -198,7 +199,7 @@ def test_saved_model_records_the_rounding_and_reloads(tmp_path, tiny_tokenizer):
     assert meta["config"]["rounding"] == "gptq"
     assert "gptq" in json.loads((out / "calibration_log.json").read_text())[0]
     back = load_model(str(out))
-    assert back.quant_config == cfg
+    assert back.quant_config == dataclasses.replace(cfg, weight_lr=3e-5)  # the recipe's rate, spelled out
     ids = torch.randint(0, 384, (1, 16))
     torch.testing.assert_close(logits(back, ids), logits(loaded, ids))
 
@@ -244,7 +245,7 @@ def test_benchmark_run_names():
 
     gptq, affine = parse_run("gptq:W4A16", Args), parse_run("affinequant+gptq:W3A16g64", Args)
     assert (gptq.method, gptq.rounding_method, gptq.name) == ("gptq", "gptq", "W4A16")
-    assert (affine.method, affine.rounding, affine.label, affine.name) == ("affinequant", "gptq", "affinequant+gptq", "W3A16g64")
+    assert (affine.method, affine.rounding, affine.label, affine.name) == ("affinequant", "gptq", "affinequant+weights+gptq", "W3A16g64")
     assert parse_run("affinequant:W4A4", Args).label == "affinequant"
 
 
@@ -262,4 +263,4 @@ def test_cli_gptq_then_eval(tmp_path, capsys, tiny_model_dir):
     assert main([*common, "--method", "affinequant", "--rounding", "gptq", "--group-size", "32"]) == 0
     assert json.loads((out / "quantization.json").read_text())["config"]["rounding"] == "gptq"
     assert main(["-q", "eval", "--model", str(out), "--tasks", str(text), "--seqlen", "64"]) == 0
-    assert "affinequant+gptq W4A16g32" in capsys.readouterr().out
+    assert "affinequant+weights+gptq W4A16g32" in capsys.readouterr().out

@@ -86,15 +86,16 @@ def test_rtn_runs_beside_a_scale_init_for_the_learning_ones(tmp_path, tiny_model
     table.main(runs + ["--scale-init", "smoothquant", "--out", str(out)])
     rows = {r["name"]: r["recipe"] for r in json.loads(out.read_text())}
     assert "scale_init" not in rows["rtn W4A16"]  # rtn learns nothing
-    assert (rows["affinequant W2A16g32"]["scale_init"], rows["affinequant W2A16g32"]["let_lr"]) == ("smoothquant", 1e-3)
+    affine = rows["affinequant+weights W2A16g32"]  # weight-only AffineQuant learns its weights by default
+    assert (affine["scale_init"], affine["let_lr"], affine["weight_lr"]) == ("smoothquant", 1e-3, 3e-5)
 
 
 def test_run_options_apply_to_their_run_only(table):
     import argparse
 
-    args = argparse.Namespace(nsamples=2, seqlen=32, epochs=1, batch_size=1, seed=0, rotate=None, weight_lr=0.0)
+    args = argparse.Namespace(nsamples=2, seqlen=32, epochs=1, batch_size=1, seed=0, rotate=None, weight_lr=None)
     plain, tuned = (table.parse_run(t, args) for t in ("affinequant:W4A4", "affinequant:W4A4@rotate=inputs@weight_lr=1e-4"))
-    assert (plain.rotate, plain.weight_lr) == (None, 0.0)
+    assert (plain.rotate, plain.weight_lr) == (None, None)
     assert (tuned.rotate, tuned.weight_lr, tuned.label) == ("inputs", 1e-4, "inputs-rotated affinequant+weights")
     assert table.parse_run("affinequant:W6A6@norm_matrices=false", args).norm_matrices is False
     for bad in ("rtn:W4A4@colour=red", "rtn:W4A4@rotate=", "affinequant:W4A4@norm_matrices=yes"):

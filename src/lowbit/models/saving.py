@@ -115,14 +115,18 @@ def save_quantized(
 
 
 def resolved_config(config, plan) -> dict:
-    """The config as written, with MLP scales and norm matrices the run took by default spelled out (a later
+    """The config as written, with MLP scales, norm matrices and the weights' rate the run took by default spelled out (a later
     default cannot change what the file says); a run without them keeps the plain config, which reloads equal to
     the one given."""
+    from lowbit.ptq.recipes import default_weight_lr
+
     data = config.to_dict()
     if plan is not None and config.mlp_scales is None and plan.mlp_scales:
         data["mlp_scales"] = True
     if plan is not None and config.norm_matrices is None and plan.norm_matrices:
         data["norm_matrices"] = True
+    if config.weight_lr is None and default_weight_lr(config):
+        data["weight_lr"] = default_weight_lr(config)
     return data
 
 

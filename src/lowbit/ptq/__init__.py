@@ -14,7 +14,7 @@ from lowbit.config import QuantConfig
 from lowbit.data.texts import calibration_windows
 from lowbit.models.loading import LoadedModel
 from lowbit.ptq.engine import CalibOptions, calibrate
-from lowbit.ptq.recipes import default_epochs, default_let_lr, plan_for_model
+from lowbit.ptq.recipes import default_epochs, default_let_lr, default_weight_lr, plan_for_model
 from lowbit.ptq.rtn import quantize_rtn
 from lowbit.ptq.wrap import wrap_linears
 from lowbit.transforms.rotation import rotate
@@ -41,7 +41,7 @@ def quantize(loaded: LoadedModel, config: QuantConfig, device: str | None = None
     device = device or str(next(loaded.model.parameters()).device)
     windows = calibration_windows(loaded.tokenizer, config.calib_data, config.nsamples, config.seqlen, config.seed)
     options = CalibOptions(epochs=default_epochs(config), batch_size=config.batch_size, let_lr=default_let_lr(config),
-                           lwc_lr=config.lwc_lr, weight_lr=config.weight_lr, aug_loss=config.aug_loss, device=device,
+                           lwc_lr=config.lwc_lr, weight_lr=default_weight_lr(config), aug_loss=config.aug_loss, device=device,
                            checkpoint_dir=checkpoint_dir, progress=progress, tf32=tf32)
     plan = plan_for_model(config, loaded.adapter, loaded.model.config)
     loaded.calibration_plan = plan

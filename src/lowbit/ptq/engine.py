@@ -188,6 +188,9 @@ def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, op
         resolved["mlp_scales"] = True
     if config.norm_matrices is None:  # likewise: runs from before its default wrote the bool
         resolved["norm_matrices"] = plan.norm_matrices
+    resolved.pop("weight_lr", None)  # likewise: runs that asked for the rate wrote it, runs without it wrote nothing
+    if opts.weight_lr:
+        resolved["weight_lr"] = opts.weight_lr
     manifest = {"config": {**resolved, "let_lr": opts.let_lr}, "plan": plan.to_dict(), "options": {
         k: v for k, v in asdict(opts).items() if k not in ("checkpoint_dir", "progress", "device", "cuda_graph", "tf32")
         and not (k == "weight_lr" and v == 0)}}  # a later option: the manifests of runs from before it still match
