@@ -41,6 +41,7 @@ def _flag(text: str) -> bool:
 
 # options one run may set for itself (``affinequant:W4A4@rotate=inputs``), over the command's flags
 RUN_OPTIONS = {"rotate": str, "weight_lr": float, "let_lr": float, "epochs": int, "scale_init": str,
+               "e2e_epochs": int, "e2e_lr": float,
                "norm_matrices": _flag, "mlp_scales": _flag}
 
 
@@ -140,6 +141,8 @@ def evaluate_one(cal: Calibrated, args, options: EvalOptions, parallel: bool, tf
                    peak_gpu_scope="whole process, all concurrent runs" if parallel else "this run",
                    gpu_allocated_gib_per_block=[e.gpu_allocated_gib for e in loaded.calibration_log or []],
                    eager_blocks=[e.block for e in loaded.calibration_log or [] if e.cuda_graph is False],
+                   e2e=None if loaded.e2e_log is None else {**loaded.e2e_log.to_dict(), "epochs": config.e2e_epochs,
+                                                            "lr": config.e2e_lr},
                    recipe={"nsamples": config.nsamples, "seqlen": config.seqlen, **_learning(config, loaded.calibration_plan),
                            "epochs": default_epochs(config), "batch_size": config.batch_size, "tf32": tf32})
     line = (f"| {config.label}{tag} | {config.name} | {new[0]['value']:.3f} | {cal.seconds / blocks:.2f} | "

@@ -72,6 +72,15 @@ def make_tiny_model(arch: str, seed: int = 0):
     return model.eval()
 
 
+def tiny_loaded(arch: str, tokenizer):
+    """A tiny model of ``arch`` as ``load_model`` would hand it over (adapter attached)."""
+    from lowbit.models.loading import LoadedModel
+    from lowbit.models.registry import adapter_for
+
+    model = make_tiny_model(arch)
+    return LoadedModel(model, tokenizer, adapter_for(model.config.model_type), arch)
+
+
 def randomise_transforms(calib, gen: torch.Generator) -> None:
     """Push every transform far from identity while keeping matrices strictly diagonally dominant."""
     with torch.no_grad():

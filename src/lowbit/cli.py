@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="omniquant / affinequant: the weights learn too, at this rate, through the rounding, beside the "
                         "transforms and clipping (EfficientQAT's Block-AP; default: 3e-5 for affinequant weight-only, "
                         "0 otherwise; 0 keeps the weights as loaded, as the papers do)")
+    c.add_argument("--e2e-epochs", type=int, default=0,
+                   help="after the method, tune every weight scale end to end against the full-precision model's "
+                        "logits on the calibration windows for this many epochs (weight-only; codes stay; default 0)")
+    c.add_argument("--e2e-lr", type=float, default=3e-3, help="rate of the end-to-end scale gains (relative units)")
     q.add_argument("--rotate", default=None, choices=ROTATIONS,
                    help="rotate by a seeded Hadamard matrix before quantizing: inputs (each norm's output, online, "
                         "merged into the linears reading it) or residual (QuaRot's offline rotation of the residual "
@@ -201,7 +205,7 @@ def _run_quantize(args) -> int:
                          alpha=args.alpha, sf=args.sf, scale_init=args.scale_init, mlp_scales=args.mlp_scales,
                          aug_loss=args.aug_loss,
                          norm_matrices=args.norm_matrices, rotate=args.rotate, weight_lr=args.weight_lr,
-                         rounding=args.rounding, gptq_grid=args.gptq_grid, gptq_act_order=args.gptq_act_order)
+                         e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr, rounding=args.rounding, gptq_grid=args.gptq_grid, gptq_act_order=args.gptq_act_order)
     config = dataclasses.replace(config, let_lr=default_let_lr(config))  # quantization.json records the rate used
     if args.output.exists() and not args.overwrite:
         raise LowbitError(f"output {args.output} already exists; choose another --output or pass --overwrite")

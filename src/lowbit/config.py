@@ -21,7 +21,7 @@ ROTATIONS = ("inputs", "residual")  # lowbit.transforms.rotation
 SCALE_LEARNING_METHODS = ("omniquant", "affinequant")  # the methods --scale-init applies to
 # Fields added after the first release: written out only when they differ from their defaults, so the checkpoint
 # manifests of runs started before them still match (resume) and older readers still load plain configs.
-_LATER_FIELDS = ("scale_init", "mlp_scales", "rotate", "weight_lr", "rounding", "gptq_grid", "gptq_act_order", "gptq_damp", "gptq_block_size")
+_LATER_FIELDS = ("scale_init", "mlp_scales", "rotate", "weight_lr", "e2e_epochs", "e2e_lr", "rounding", "gptq_grid", "gptq_act_order", "gptq_damp", "gptq_block_size")
 
 
 def _check_bits(name: str, value: Any) -> None:
@@ -70,6 +70,10 @@ class QuantConfig:
     # clipping (EfficientQAT's Block-AP; lowbit.ptq.block); 0 keeps the weights as loaded, as the papers do; None:
     # the recipe's (3e-5 for AffineQuant weight-only, 0 elsewhere: lowbit.ptq.recipes.default_weight_lr)
     weight_lr: float | None = None
+    # after the method: epochs of end-to-end tuning of the weight scales against the full-precision model's logits
+    # (lowbit.ptq.e2e; weight-only); 0: none, as the papers
+    e2e_epochs: int = 0
+    e2e_lr: float = 3e-3  # of the scales' gains (relative units)
     # final rounding of the weights: None is the method's own (GPTQ for ``gptq``, round-to-nearest otherwise);
     # "gptq" after a calibrating method rounds its merged weights by GPTQ on the grid it learnt (weight-only)
     rounding: str | None = None
@@ -99,6 +103,12 @@ class QuantConfig:
         if self.weight_lr and self.method not in SCALE_LEARNING_METHODS:
             raise LowbitError(f"--weight-lr trains the weights beside a learning method (omniquant, affinequant), "
                               f"not {self.method}; drop it")
+        if self.e2e_epochs < 0 or not self.e2e_lr > 0:
+            raise LowbitError(f"--e2e-epochs must be 0 or more and --e2e-lr positive, got {self.e2e_epochs} and "
+                              f"{self.e2e_lr}")
+        if self.e2e_epochs and (self.abits != FLOAT_BITS or self.wbits == FLOAT_BITS):
+            raise LowbitError(f"end-to-end scale tuning (--e2e-epochs) is weight-only: it needs --abits {FLOAT_BITS} "
+                              f"and --wbits below {FLOAT_BITS}, got {self.name}")
         if self.scale_init not in (None, *SCALE_INITS):
             raise LowbitError(f"--scale-init must be one of {', '.join(SCALE_INITS)}, got {self.scale_init!r}")
         for name in ("mlp_scales", "norm_matrices"):
@@ -152,6 +162,7 @@ class QuantConfig:
 
         label = self.method + ("+weights" if default_weight_lr(self) else "")
         label += "+gptq" if self.method != "gptq" and self.rounding_method == "gptq" else ""
+        label += "+e2e" if self.e2e_epochs else ""
         return f"{self.rotate}-rotated {label}" if self.rotate else label
 
     @property

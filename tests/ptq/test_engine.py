@@ -4,19 +4,13 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, tiny_loaded
 
 import lowbit.ptq.engine as engine
 from lowbit.errors import LowbitError
 from lowbit import QuantConfig, quantize
-from lowbit.models.loading import LoadedModel
 from lowbit.models.registry import adapter_for
 from lowbit.transforms.pair import PairTransform
-
-
-def tiny_loaded(arch, tokenizer):
-    model = make_tiny_model(arch)
-    return LoadedModel(model, tokenizer, adapter_for(model.config.model_type), arch)
 
 
 def config(method="affinequant", **kw):

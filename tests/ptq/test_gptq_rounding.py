@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, tiny_loaded
 
 import lowbit.ptq.engine as engine
 from lowbit import QuantConfig, load_model, quantize, save_quantized
 from lowbit.errors import LowbitError
 from lowbit.export.codes import extract_codes
-from lowbit.models.loading import LoadedModel
 from lowbit.models.registry import adapter_for
 from lowbit.ptq.capture import capture_block_inputs
 from lowbit.ptq.gptq import GPTQOptions, Grid, gptq_round, mse_clip, output_error
@@ -101,11 +100,6 @@ def test_hessian_is_of_the_linears_actual_input():
 
 
 # ------------------------------------------------------------------------------------------------- the engine
-
-
-def tiny_loaded(arch, tokenizer):
-    model = make_tiny_model(arch)
-    return LoadedModel(model, tokenizer, adapter_for(model.config.model_type), arch)
 
 
 def config(method="gptq", **kw):

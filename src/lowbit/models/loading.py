@@ -43,6 +43,7 @@ class LoadedModel:
     quant_config: object | None = None  # the QuantConfig of a directory written by ``lowbit quantize``
     calibration_log: list | None = None  # per-block log of a calibrating method
     calibration_plan: object | None = None  # the TransformPlan a calibrating method ran (recipe defaults resolved)
+    e2e_log: object | None = None  # lowbit.ptq.e2e.E2ELog of the end-to-end scale tuning, if it ran
     rotation: object | None = None  # the RotationReport of the rotation quantize() applied (config.rotate)
 
 

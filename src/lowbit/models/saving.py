@@ -127,6 +127,8 @@ def resolved_config(config, plan) -> dict:
         data["norm_matrices"] = True
     if config.weight_lr is None and default_weight_lr(config):
         data["weight_lr"] = default_weight_lr(config)
+    if config.e2e_epochs:  # the rate too, default or not
+        data["e2e_lr"] = config.e2e_lr
     return data
 
 

@@ -12,6 +12,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -155,12 +157,21 @@ def _optimise(calib: BlockCalibration, q_in, targets, aug_targets, kwargs, opts:
 def calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, opts: CalibOptions,
               windows: torch.Tensor) -> list[BlockLog]:
     """Quantize ``loaded.model`` in place, block by block; returns the per-block log."""
-    if opts.tf32 is None:
+    with matmul_precision(opts.tf32):
         return _calibrate(loaded, config, plan, opts, windows)
+
+
+@contextmanager
+def matmul_precision(tf32: bool | None) -> Iterator[None]:
+    """TF32 (True) or full float32 (False) matmuls inside, the process-wide setting restored after; None leaves it
+    alone (threads calibrating at once set it once for all of them)."""
+    if tf32 is None:
+        yield
+        return
     previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if opts.tf32 else "highest")
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
     try:
-        return _calibrate(loaded, config, plan, opts, windows)
+        yield
     finally:
         torch.set_float32_matmul_precision(previous)
 
@@ -183,7 +194,8 @@ def _calibrate(loaded: LoadedModel, config: QuantConfig, plan: TransformPlan, op
     # the config as the recipe resolved it: let_lr's value (a default, None, resolves to what older runs wrote),
     # the scales' start only through the plan, and MLP scales as True when the plan has them (what runs that asked
     # for them wrote), so the options spelled out resume a run that took them by default and the reverse
-    resolved = {k: v for k, v in config.to_dict().items() if k not in ("scale_init", "mlp_scales")}
+    # (end-to-end tuning runs after the blocks, so the blocks of a run with and without it are the same)
+    resolved = {k: v for k, v in config.to_dict().items() if k not in ("scale_init", "mlp_scales", "e2e_epochs", "e2e_lr")}
     if plan.mlp_scales:  # as runs that asked for them before they were a default wrote it
         resolved["mlp_scales"] = True
     if config.norm_matrices is None:  # likewise: runs from before its default wrote the bool
