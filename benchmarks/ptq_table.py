@@ -65,6 +65,14 @@ def option_suffix(text: str) -> str:
     return "".join(f"@{option}" for option in sorted(text.split("@")[1:]))
 
 
+def checkpoint_folder(config: QuantConfig, tag: str) -> str:
+    """A run's block-checkpoint folder name. End-to-end tuning runs after the blocks, so it is left out: a run with it
+    resumes the blocks of the same run without it (the engine's manifest leaves it out too)."""
+    blocks = dataclasses.replace(config, e2e_epochs=0)
+    own = "".join(f"@{o}" for o in tag.split("@")[1:] if not o.startswith("e2e_"))
+    return f"{blocks.label.replace(' ', '-')}-{blocks.name}{own}"
+
+
 def _parse_config(text: str, args) -> QuantConfig:
     label, _, name = text.partition(":")
     method, _, rounding = label.partition("+")
@@ -110,7 +118,7 @@ def calibrate_one(fp, config: QuantConfig, tag: str, args, parallel: bool, tf32:
         if cuda and not parallel:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        ckpt = None if args.checkpoint_dir is None else args.checkpoint_dir / f"{config.label.replace(' ', '-')}-{config.name}{tag}"
+        ckpt = None if args.checkpoint_dir is None else args.checkpoint_dir / checkpoint_folder(config, tag)
         quantize(loaded, config, device=args.device, checkpoint_dir=ckpt, progress=False, tf32=tf32)
         if stream is not None:
             stream.synchronize()
@@ -203,6 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     if len(set(names)) < len(names):
         raise SystemExit(f"--runs names one run twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
                          f"each run needs its own method, configuration or @options")
+    folders = [checkpoint_folder(config, tag) for config, tag in runs]
+    if args.parallel > 1 and args.checkpoint_dir is not None and len(set(folders)) < len(folders):
+        raise SystemExit("runs that differ only in end-to-end tuning share their block checkpoints, so they cannot "
+                         "calibrate at once: drop --parallel (the later run resumes the earlier one's blocks)")
     rows, lines, lock = [], [], threading.Lock()
 
     def record(result: tuple[list[dict], str]) -> None:

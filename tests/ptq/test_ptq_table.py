@@ -115,3 +115,26 @@ def test_runs_that_differ_only_in_options_keep_their_own_names(tmp_path, tiny_mo
                                                                    "omniquant-W4A16@let_lr=5e-3"]
     with pytest.raises(SystemExit, match="names one run twice"):
         table.main(_common(tiny_model_dir, "rtn:W4A16,rtn:W4A16") + ["--out", str(out)])
+
+
+def test_a_run_with_end_to_end_tuning_resumes_the_blocks_of_the_same_run_without(tmp_path, tiny_model_dir, table):
+    """Same blocks, one folder: the later run reuses them and only adds the end-to-end step."""
+    import argparse
+
+    args = argparse.Namespace(nsamples=2, seqlen=32, epochs=1, batch_size=1, seed=0, rotate=None, weight_lr=None)
+    texts = ("omniquant:W4A16", "omniquant:W4A16@e2e_epochs=1@e2e_lr=1e-2", "omniquant:W4A16@e2e_epochs=1@let_lr=1e-3")
+    folders = [table.checkpoint_folder(table.parse_run(t, args), table.option_suffix(t)) for t in texts]
+    assert folders == ["omniquant-W4A16", "omniquant-W4A16", "omniquant-W4A16@let_lr=1e-3"]
+    out, ckpt = tmp_path / "e2e.json", tmp_path / "ckpt"
+    extra = ["--checkpoint-dir", str(ckpt), "--out", str(out)]
+    with pytest.raises(SystemExit, match="share their block checkpoints"):
+        table.main(_common(tiny_model_dir, ",".join(texts[:2])) + extra + ["--parallel", "2"])
+    table.main(_common(tiny_model_dir, texts[0]) + extra)
+    blocks = lambda: {f.name: f.stat().st_mtime_ns for f in (ckpt / "omniquant-W4A16").glob("block_*")}  # noqa: E731
+    manifest, written = (ckpt / "omniquant-W4A16" / "manifest.json").read_text(), blocks()
+    table.main(_common(tiny_model_dir, texts[1]) + extra)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["omniquant-W4A16"]
+    assert written and blocks() == written  # resumed, not calibrated again
+    assert (ckpt / "omniquant-W4A16" / "manifest.json").read_text() == manifest
+    tuned = json.loads(out.read_text())[0]
+    assert tuned["name"] == "omniquant+e2e W4A16@e2e_epochs=1@e2e_lr=1e-2" and len(tuned["e2e"]["epoch_losses"]) == 1
